@@ -1,0 +1,44 @@
+# kubetune developer interface. Target names are a public contract (README, CI, docs): extend, don't rename.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test unit lint cluster-up cluster-down demo bench clean
+
+## setup: install everything on a fresh machine (Debian packages, pinned Kubernetes binaries, .venv). Idempotent.
+setup:
+	@bash hack/setup.sh
+
+## test: the whole suite: lint, unit, trainer and cluster tests against the real local control plane.
+test: setup
+	@bash hack/test.sh $(PYTEST_ARGS)
+
+## unit: fast pure tests only (no cluster, no training runs).
+unit: setup
+	$(VENV)/bin/pytest -m unit $(PYTEST_ARGS)
+
+## lint: ruff (lint + format check) and mypy.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+## cluster-up: start etcd, kube-apiserver, controller-manager, scheduler and kwok nodes on 127.0.0.1.
+cluster-up: setup
+	@bash hack/cluster.sh up
+
+## cluster-down: stop every process cluster-up started (by PID) and remove its data.
+cluster-down:
+	@bash hack/cluster.sh down
+
+## demo: the product end to end.
+demo: setup
+	@bash hack/demo.sh
+
+## bench: run the benchmarks; JSON lands in bench/results/, a table is printed.
+bench: setup
+	$(PY) -m bench $(BENCH)
+
+clean: cluster-down
+	rm -rf .cluster runs wandb
