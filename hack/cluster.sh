@@ -1,0 +1,330 @@
+#!/usr/bin/env bash
+# A real Kubernetes control plane on 127.0.0.1 with kwok fake nodes: etcd, kube-apiserver,
+# kube-controller-manager, kube-scheduler and the kwok controller, each a plain process started from
+# the pinned binaries that hack/build-binaries.sh builds. See docs/cluster.md.
+#
+#   hack/cluster.sh up       start (no-op when already healthy; cleans up after a crash), print KUBECONFIG
+#   hack/cluster.sh down     stop every process by PID (TERM, then KILL) and delete the state directory
+#   hack/cluster.sh status   exit 0 when every component runs and the apiserver is ready
+#
+# Environment (all optional):
+#   KUBETUNE_CLUSTER_DIR        state directory (default <repo>/.cluster): certs, kubeconfig, logs, pids
+#   KUBETUNE_APISERVER_PORT     kube-apiserver port (default 6443)
+#   KUBETUNE_PORT_BASE          first of 5 consecutive ports for etcd client/peer, controller-manager,
+#                               scheduler and kwok (default 23790)
+#   KUBETUNE_BIN_DIR            binaries (default ${XDG_CACHE_HOME:-~/.cache}/kubetune/bin/current)
+#   KUBETUNE_PV_POOL            hostPath PersistentVolumes to pre-create in StorageClass standard (32)
+#   KUBETUNE_EXTRA_ARGS_<C>     extra flags for component C (ETCD, KUBE_APISERVER,
+#                               KUBE_CONTROLLER_MANAGER, KUBE_SCHEDULER, KWOK); a test hook
+#   KUBETUNE_START_TIMEOUT      seconds to wait for each component (default 60)
+set -euo pipefail
+shopt -s inherit_errexit
+
+HACK=$(cd "$(dirname "$0")" && pwd)
+REPO=$(dirname "$HACK")
+DIR=$(realpath -m "${KUBETUNE_CLUSTER_DIR:-$REPO/.cluster}")
+BIN=${KUBETUNE_BIN_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kubetune/bin/current}
+API_PORT=${KUBETUNE_APISERVER_PORT:-6443}
+BASE=${KUBETUNE_PORT_BASE:-23790}
+ETCD_PORT=$BASE ETCD_PEER_PORT=$((BASE + 1)) KCM_PORT=$((BASE + 2)) SCHED_PORT=$((BASE + 3))
+KWOK_PORT=$((BASE + 4))
+PV_POOL=${KUBETUNE_PV_POOL:-32}
+START_TIMEOUT=${KUBETUNE_START_TIMEOUT:-60}
+SERVICE_CIDR=10.96.0.0/16
+# Stop order; start order is the reverse.
+COMPONENTS=(kwok kube-scheduler kube-controller-manager kube-apiserver etcd)
+
+log() { printf '[cluster] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ---------------------------------------------------------------- processes (by PID, never by name)
+
+pidfile() { printf '%s/pids/%s.pid' "$DIR" "$1"; }
+
+# ours <component>: print the PID when the pidfile names a live process that is this component of
+# this state directory (its cmdline holds the binary name and $DIR), so a recycled PID is never touched.
+ours() {
+  local f pid cmd
+  f=$(pidfile "$1")
+  [[ -f $f ]] || return 1
+  pid=$(<"$f")
+  [[ $pid =~ ^[0-9]+$ && -r /proc/$pid/cmdline ]] || return 1
+  cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline")
+  [[ $cmd == *"/$1 "* && $cmd == *"$DIR"* ]] || return 1
+  printf '%s' "$pid"
+}
+
+stop_one() {
+  local c=$1 pid i
+  if pid=$(ours "$c"); then
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+      [[ -e /proc/$pid ]] || break
+      # A zombie (our own un-reaped child) counts as stopped.
+      [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) == Z ]] && break
+      sleep 0.1
+    done
+    if [[ -e /proc/$pid ]] && [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]]; then
+      log "$c (pid $pid) ignored SIGTERM for 10s: SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  fi
+  rm -f "$(pidfile "$c")"
+}
+
+stop_all() {
+  local c
+  for c in "${COMPONENTS[@]}"; do stop_one "$c"; done
+}
+
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# fail <component> <why>: report a component that did not come up, with the tail of its log.
+fail() {
+  local c=$1 why=$2
+  log "error: $c $why"
+  log "---- last 30 lines of $DIR/logs/$c.log ----"
+  tail -n 30 "$DIR/logs/$c.log" >&2 2>/dev/null || true
+  log "---- (stopping the components already started)"
+  stop_all
+  exit 1
+}
+
+# start <component> <args...>: run the binary detached (own session, output to its log) and record PID.
+start() {
+  local c=$1; shift
+  local var="KUBETUNE_EXTRA_ARGS_${c^^}"; var=${var//-/_}
+  local -a extra=()
+  read -r -a extra <<<"${!var:-}"
+  [[ -x $BIN/$c ]] || die "$BIN/$c is missing: run 'bash hack/build-binaries.sh' (or make setup)"
+  setsid "$BIN/$c" "$@" "${extra[@]}" </dev/null >"$DIR/logs/$c.log" 2>&1 &
+  echo $! >"$(pidfile "$c")"
+}
+
+# wait_until <component> <command...>: poll the command until it succeeds, or report the component.
+wait_until() {
+  local c=$1; shift
+  local deadline=$((SECONDS + START_TIMEOUT))
+  until "$@" >/dev/null 2>&1; do
+    ours "$c" >/dev/null || fail "$c" "exited during startup"
+    ((SECONDS < deadline)) || fail "$c" "was not ready after ${START_TIMEOUT}s"
+    sleep 0.2
+  done
+}
+
+# ---------------------------------------------------------------- certificates and kubeconfigs
+
+PKI=$DIR/pki
+KUBECONFIG_PATH=$DIR/kubeconfig
+
+# cert <name> <CN> <O or ""> [SANs]: EC P-256 key + cert signed by the cluster CA (fast to generate).
+cert() {
+  local name=$1 cn=$2 org=$3 san=${4:-} subj ext
+  subj="/CN=$cn"; [[ -n $org ]] && subj="/O=$org$subj"
+  openssl ecparam -name prime256v1 -genkey -noout -out "$PKI/$name.key" 2>/dev/null
+  openssl req -new -key "$PKI/$name.key" -subj "$subj" -out "$PKI/$name.csr" 2>/dev/null
+  ext="basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=${san:+serverAuth,}clientAuth"
+  [[ -n $san ]] && ext+=$'\n'"subjectAltName=$san"
+  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
+    -days 3650 -sha256 -extfile <(printf '%s\n' "$ext") -out "$PKI/$name.crt" 2>/dev/null
+  rm -f "$PKI/$name.csr"
+}
+
+kubeconfig() {
+  local name=$1 out=$2
+  cat >"$out" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: kubetune-local
+  cluster:
+    server: https://127.0.0.1:$API_PORT
+    certificate-authority: $PKI/ca.crt
+users:
+- name: $name
+  user:
+    client-certificate: $PKI/$name.crt
+    client-key: $PKI/$name.key
+contexts:
+- name: kubetune-local
+  context: {cluster: kubetune-local, user: $name}
+current-context: kubetune-local
+EOF
+}
+
+gen_pki() {
+  mkdir -p "$PKI"
+  openssl ecparam -name prime256v1 -genkey -noout -out "$PKI/ca.key" 2>/dev/null
+  openssl req -x509 -new -key "$PKI/ca.key" -subj "/CN=kubetune-local-ca" -days 3650 -sha256 \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" \
+    -out "$PKI/ca.crt" 2>/dev/null
+  cert apiserver kube-apiserver "" \
+    "IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+  cert apiserver-kubelet-client kube-apiserver-kubelet-client system:masters
+  cert admin kubernetes-admin system:masters
+  cert kube-controller-manager system:kube-controller-manager ""
+  cert kube-scheduler system:kube-scheduler ""
+  # kwok plays every fake node's kubelet (node status, leases, pod status), so it gets admin rights.
+  cert kwok kwok-controller system:masters
+  # Service-account token signing key (ES256).
+  openssl ecparam -name prime256v1 -genkey -noout -out "$PKI/sa.key" 2>/dev/null
+  openssl ec -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
+  kubeconfig admin "$KUBECONFIG_PATH"
+  local c
+  for c in kube-controller-manager kube-scheduler kwok; do kubeconfig "$c" "$DIR/$c.kubeconfig"; done
+}
+
+# ---------------------------------------------------------------- health checks
+
+readyz() {
+  curl -sf --max-time 2 --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" \
+    "https://127.0.0.1:$API_PORT/readyz" | grep -qx ok
+}
+etcd_healthy() { curl -sf --max-time 2 "http://127.0.0.1:$ETCD_PORT/health" | grep -q '"health":"true"'; }
+# controller-manager and scheduler allow anonymous /healthz by default.
+healthz() { curl -skf --max-time 2 "https://127.0.0.1:$1/healthz" | grep -qx ok; }
+kwok_healthy() {
+  curl -sf --max-time 2 "http://127.0.0.1:$KWOK_PORT/healthz" >/dev/null ||
+    curl -skf --max-time 2 "https://127.0.0.1:$KWOK_PORT/healthz" >/dev/null
+}
+
+kc() { "$BIN/kubectl" --kubeconfig "$KUBECONFIG_PATH" "$@"; }
+
+all_running() {
+  local c
+  for c in "${COMPONENTS[@]}"; do ours "$c" >/dev/null || return 1; done
+}
+
+healthy() { [[ -f $KUBECONFIG_PATH ]] && all_running && readyz; }
+
+# Every kwok node Ready and without the not-ready taint (removed by the node lifecycle controller), so
+# the first pod a test creates schedules at once.
+nodes_ready() {
+  local want got
+  want=$(grep -c '^kind: Node' "$HACK/k8s/nodes.yaml")
+  got=$(kc get nodes -l kubetune.io/node-kind=kwok -o \
+    'jsonpath={range .items[*]}{.metadata.name}{" "}{.status.conditions[?(@.type=="Ready")].status}{" "}{.spec.taints[*].key}{"\n"}{end}' |
+    awk '$2 == "True" && $0 !~ /node.kubernetes.io\/not-ready/' | wc -l)
+  ((got >= want))
+}
+
+pv_pool() {
+  local i
+  for ((i = 0; i < PV_POOL; i++)); do
+    printf -- '---\napiVersion: v1\nkind: PersistentVolume\nmetadata:\n  name: pool-%02d\n  labels: {kubetune.io/pv-pool: "true"}\nspec:\n  storageClassName: standard\n  capacity: {storage: 1Ti}\n  accessModes: [ReadWriteOnce, ReadWriteMany]\n  persistentVolumeReclaimPolicy: Retain\n  hostPath: {path: /tmp/kubetune-pv/pool-%02d, type: DirectoryOrCreate}\n' "$i" "$i"
+  done
+}
+
+# ---------------------------------------------------------------- commands
+
+up() {
+  local t0=$SECONDS
+  if healthy; then
+    log "already up ($DIR)"
+    echo "export KUBECONFIG=$KUBECONFIG_PATH"
+    return 0
+  fi
+  # Anything left from a crashed or half-started run: stop what we started, then start clean.
+  if compgen -G "$DIR/pids/*.pid" >/dev/null; then
+    log "cleaning up a previous run in $DIR"
+    stop_all
+  fi
+  rm -rf "${DIR:?}"/{etcd,pki,logs,pids,kubeconfig,*.kubeconfig}
+  mkdir -p "$DIR/logs" "$DIR/pids" "$DIR/etcd"
+
+  local p name
+  for p in "kube-apiserver:$API_PORT" "etcd:$ETCD_PORT" "etcd:$ETCD_PEER_PORT" \
+    "kube-controller-manager:$KCM_PORT" "kube-scheduler:$SCHED_PORT" "kwok:$KWOK_PORT"; do
+    name=${p%%:*}
+    port_busy "${p#*:}" && {
+      echo "port 127.0.0.1:${p#*:} is already in use (another cluster? set KUBETUNE_APISERVER_PORT / KUBETUNE_PORT_BASE)" >"$DIR/logs/$name.log"
+      fail "$name" "cannot start: port ${p#*:} is in use"
+    }
+  done
+  gen_pki
+
+  start etcd --name kubetune --data-dir "$DIR/etcd" \
+    --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-cluster "kubetune=http://127.0.0.1:$ETCD_PEER_PORT" \
+    --unsafe-no-fsync --quota-backend-bytes 4294967296 --log-level warn
+  wait_until etcd etcd_healthy
+
+  start kube-apiserver \
+    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
+    --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
+    --client-ca-file "$PKI/ca.crt" \
+    --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt" \
+    --kubelet-client-key "$PKI/apiserver-kubelet-client.key" \
+    --service-account-issuer https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
+    --service-cluster-ip-range "$SERVICE_CIDR" \
+    --authorization-mode Node,RBAC \
+    --enable-admission-plugins NamespaceLifecycle,LimitRanger,ServiceAccount,DefaultStorageClass,DefaultTolerationSeconds,Priority,PodSecurity,NodeRestriction,TaintNodesByCondition,ResourceQuota,StorageObjectInUseProtection,PersistentVolumeClaimResize,RuntimeClass,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ValidatingAdmissionPolicy \
+    --allow-privileged=true --profiling=false --event-ttl 1h --v 1
+  wait_until kube-apiserver readyz
+
+  start kube-controller-manager \
+    --kubeconfig "$DIR/kube-controller-manager.kubeconfig" \
+    --authentication-kubeconfig "$DIR/kube-controller-manager.kubeconfig" \
+    --authorization-kubeconfig "$DIR/kube-controller-manager.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port "$KCM_PORT" --leader-elect=false \
+    --controllers '*,bootstrapsigner,tokencleaner' --use-service-account-credentials \
+    --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
+    --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
+    --service-cluster-ip-range "$SERVICE_CIDR" \
+    --node-monitor-period 2s --node-monitor-grace-period 20s \
+    --profiling=false --v 1
+  start kube-scheduler \
+    --kubeconfig "$DIR/kube-scheduler.kubeconfig" \
+    --authentication-kubeconfig "$DIR/kube-scheduler.kubeconfig" \
+    --authorization-kubeconfig "$DIR/kube-scheduler.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port "$SCHED_PORT" --leader-elect=false --profiling=false --v 1
+  start kwok --kubeconfig "$DIR/kwok.kubeconfig" --config "$HACK/k8s/kwok-stages.yaml" \
+    --manage-all-nodes=false --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
+    --node-lease-duration-seconds 20 --cidr 10.244.0.0/16 --node-ip 127.0.0.1 \
+    --server-address "127.0.0.1:$KWOK_PORT"
+  wait_until kube-controller-manager healthz "$KCM_PORT"
+  wait_until kube-scheduler healthz "$SCHED_PORT"
+  wait_until kwok kwok_healthy
+
+  kc apply -f "$HACK/k8s/storageclass.yaml" -f "$HACK/k8s/nodes.yaml" >/dev/null
+  ((PV_POOL > 0)) && pv_pool | kc apply -f - >/dev/null
+  wait_until kwok nodes_ready
+
+  log "up in $((SECONDS - t0))s: apiserver https://127.0.0.1:$API_PORT, state in $DIR"
+  log "use our kubectl by absolute path: $BIN/kubectl (not /usr/bin/kubectl)"
+  echo "export KUBECONFIG=$KUBECONFIG_PATH"
+}
+
+down() {
+  stop_all
+  rm -rf "${DIR:?}"/{etcd,pki,logs,pids,kubeconfig,*.kubeconfig}
+  rmdir "$DIR" 2>/dev/null || true
+  log "down ($DIR)"
+}
+
+status() {
+  local c rc=0 pid
+  for c in etcd kube-apiserver kube-controller-manager kube-scheduler kwok; do
+    if pid=$(ours "$c"); then printf '%-24s running (pid %s)\n' "$c" "$pid"
+    else printf '%-24s not running\n' "$c"; rc=1; fi
+  done
+  if ((rc == 0)) && readyz; then
+    printf '%-24s https://127.0.0.1:%s/readyz ok\nexport KUBECONFIG=%s\n' apiserver "$API_PORT" "$KUBECONFIG_PATH"
+  else
+    rc=1
+  fi
+  return $rc
+}
+
+case "${1:-}" in
+up) up ;;
+down) down ;;
+status) status ;;
+*) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac
