@@ -1,0 +1,319 @@
+"""Pure checks of the FineTuneJob CRD YAML: names, descriptions, bounds, defaults, examples.
+
+The API server proves the schema works (tests/cluster/test_crd_validation.py); these tests keep it
+teachable (`kubectl explain`) and bounded (CEL cost, no unbounded strings) without a cluster.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_PATH = ROOT / "charts/kubetune/crds/finetunejobs.kubetune.io.yaml"
+GENERATOR = ROOT / "hack/crd/gen_crd.py"
+EXAMPLES = sorted((ROOT / "examples").glob("finetunejob-*.yaml"))
+
+# The trainer's defaults, written down here as the contract; compared with kubetune_trainer.config below
+# when that module is importable. Keys are spec paths.
+EXPECTED_DEFAULTS: dict[str, Any] = {
+    "model.pretrained": False,
+    "model.freeze": "none",
+    "data.format": "imagefolder",
+    "data.valFraction": 0.1,
+    "data.numWorkers": 2,
+    "data.syntheticSamples": 256,
+    "training.batchSize": 32,
+    "training.learningRate": 0.001,
+    "training.weightDecay": 0.05,
+    "training.optimizer": "adamw",
+    "training.scheduler": "cosine",
+    "training.warmupSteps": 0,
+    "training.gradAccumulation": 1,
+    "training.precision": "auto",
+    "training.seed": 0,
+    "training.labelSmoothing": 0.0,
+    "training.gradClip": 0.0,
+    "training.ema": False,
+    "checkpoint.everySteps": 100,
+    "checkpoint.everySeconds": 0,
+    "checkpoint.keepLast": 2,
+    "checkpoint.storage.size": "10Gi",
+    "checkpoint.retainOnDelete": False,
+    "wandb.mode": "disabled",
+    "wandb.apiKeySecretRef.key": "api-key",
+    "metrics.port": 9400,
+    "workers": 1,
+    "resources.gpus": 1,
+    "resources.gpuResource": "nvidia.com/gpu",
+    "terminationGracePeriodSeconds": 60,
+    "runPolicy.backoffLimit": 3,
+    "runPolicy.suspend": False,
+}
+# Optional fields without a default: the trainer treats them as None.
+EXPECTED_UNSET = [
+    "model.weights",
+    "model.numClasses",
+    "data.imageSize",
+    "training.epochs",
+    "training.maxSteps",
+    "training.deterministic",
+    "runPolicy.maxPreemptions",
+    "runPolicy.activeDeadlineSeconds",
+    "runPolicy.ttlSecondsAfterFinished",
+]
+
+
+@pytest.fixture(scope="module")
+def crd() -> dict[str, Any]:
+    return yaml.safe_load(CRD_PATH.read_text())
+
+
+@pytest.fixture(scope="module")
+def version(crd: dict[str, Any]) -> dict[str, Any]:
+    (only,) = crd["spec"]["versions"]
+    return only
+
+
+@pytest.fixture(scope="module")
+def schema(version: dict[str, Any]) -> dict[str, Any]:
+    return version["schema"]["openAPIV3Schema"]
+
+
+def walk(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every schema node with its dotted path; list items are `path[]`, map values `path{}`."""
+    yield path, node
+    for name, child in node.get("properties", {}).items():
+        yield from walk(child, f"{path}.{name}" if path else name)
+    if "items" in node:
+        yield from walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from walk(node["additionalProperties"], f"{path}{{}}")
+
+
+def node_at(schema: dict[str, Any], dotted: str) -> dict[str, Any]:
+    node = schema["properties"]["spec"]
+    for part in dotted.split("."):
+        node = node["properties"][part]
+    return node
+
+
+def test_names_and_version(crd: dict[str, Any], version: dict[str, Any]) -> None:
+    spec = crd["spec"]
+    assert crd["metadata"]["name"] == "finetunejobs.kubetune.io"
+    assert spec["group"] == "kubetune.io"
+    assert spec["scope"] == "Namespaced"
+    assert spec["names"] == {
+        "kind": "FineTuneJob",
+        "listKind": "FineTuneJobList",
+        "plural": "finetunejobs",
+        "singular": "finetunejob",
+        "shortNames": ["ftj"],
+        "categories": ["all", "ml"],
+    }
+    assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
+    assert version["subresources"] == {"status": {}}
+
+
+def test_every_node_has_a_description(schema: dict[str, Any]) -> None:
+    missing = [p for p, node in walk(schema) if p != "metadata" and not node.get("description", "").strip()]
+    assert missing == []
+
+
+def test_every_number_is_bounded(schema: dict[str, Any]) -> None:
+    unbounded = [
+        p
+        for p, node in walk(schema)
+        if node.get("type") in ("integer", "number") and ("minimum" not in node or "maximum" not in node)
+    ]
+    assert unbounded == []
+
+
+def test_every_string_is_bounded(schema: dict[str, Any]) -> None:
+    unbounded = [
+        p
+        for p, node in walk(schema)
+        if node.get("type") == "string" and not ({"maxLength", "enum", "pattern", "format"} & node.keys())
+    ]
+    assert unbounded == []
+
+
+def test_every_list_and_map_is_bounded(schema: dict[str, Any]) -> None:
+    lists = [p for p, node in walk(schema) if node.get("type") == "array" and "maxItems" not in node]
+    maps = [p for p, node in walk(schema) if "additionalProperties" in node and "maxProperties" not in node]
+    assert lists == [] and maps == []
+
+
+def test_spec_rejects_unknown_fields(schema: dict[str, Any]) -> None:
+    """Free-form objects are the exception (core Affinity), never the rule."""
+    spec = schema["properties"]["spec"]
+    free = [p for p, node in walk(spec, "spec") if node.get("x-kubernetes-preserve-unknown-fields")]
+    assert free == ["spec.affinity"]
+    objects_without_props = [
+        p
+        for p, node in walk(spec, "spec")
+        if node.get("type") == "object"
+        and "properties" not in node
+        and "additionalProperties" not in node
+        and not node.get("x-kubernetes-preserve-unknown-fields")
+    ]
+    assert objects_without_props == []
+
+
+@pytest.mark.parametrize(("path", "default"), sorted(EXPECTED_DEFAULTS.items()))
+def test_schema_defaults(schema: dict[str, Any], path: str, default: Any) -> None:
+    node = node_at(schema, path)
+    assert node.get("default") == default
+    assert type(node.get("default")) is type(default) or node["type"] == "number"
+
+
+@pytest.mark.parametrize("path", EXPECTED_UNSET)
+def test_optional_fields_have_no_default(schema: dict[str, Any], path: str) -> None:
+    assert "default" not in node_at(schema, path)
+
+
+def test_defaults_within_bounds(schema: dict[str, Any]) -> None:
+    for path, node in walk(schema):
+        if "default" not in node or node.get("type") not in ("integer", "number"):
+            continue
+        assert node["minimum"] <= node["default"] <= node["maximum"], path
+        if "enum" in node:
+            assert node["default"] in node["enum"], path
+
+
+def test_sections_default_to_empty_objects(schema: dict[str, Any]) -> None:
+    """So the stored object shows every default and transition rules always see old and new values."""
+    spec = schema["properties"]["spec"]["properties"]
+    for section in ("data", "training", "checkpoint", "wandb", "metrics", "resources", "runPolicy"):
+        assert spec[section].get("default") == {}, section
+
+
+@pytest.fixture(scope="module")
+def trainer_config() -> Any:
+    return pytest.importorskip("kubetune_trainer.config", reason="trainer config module not importable")
+
+
+def test_crd_has_every_trainer_field(schema: dict[str, Any], trainer_config: Any) -> None:
+    spec = schema["properties"]["spec"]["properties"]
+    missing = [
+        f"{section}.{name}"
+        for section, names in trainer_config.TRAINER_FIELDS.items()
+        for name in names
+        if name not in spec[section]["properties"]
+    ]
+    assert missing == []
+
+
+def test_trainer_accepts_every_crd_field(schema: dict[str, Any], trainer_config: Any) -> None:
+    """The trainer rejects unknown fields, so a manifest the API server accepts must parse in the trainer."""
+    spec = schema["properties"]["spec"]["properties"]
+    top_unknown = set(spec) - set(trainer_config.TRAINER_FIELDS) - set(trainer_config.OPERATOR_ONLY_TOP)
+    assert top_unknown == set()
+    unknown = [
+        f"{section}.{name}"
+        for section, fields in trainer_config.TRAINER_FIELDS.items()
+        for name in spec[section]["properties"]
+        if name not in fields and name not in trainer_config.OPERATOR_ONLY_FIELDS.get(section, ())
+    ]
+    assert unknown == []
+
+
+def test_trainer_config_defaults_match(schema: dict[str, Any], trainer_config: Any) -> None:
+    """A field the trainer defaults has the same schema default; a field the trainer leaves None has none."""
+    spec = schema["properties"]["spec"]["properties"]
+    mismatched = {}
+    for section, defaults in trainer_config.field_defaults().items():
+        for name, want in defaults.items():
+            if want in (None, []):  # None / empty tuple: optional, the schema must not invent a value
+                want = None
+            got = spec[section]["properties"][name].get("default")
+            if got != want or (type(got) is not type(want) and not isinstance(got, float)):
+                mismatched[f"{section}.{name}"] = (got, want)
+    assert mismatched == {}
+
+
+def test_contract_table_matches_trainer(trainer_config: Any) -> None:
+    defaults = trainer_config.field_defaults()
+    for path, want in EXPECTED_DEFAULTS.items():
+        section, _, name = path.partition(".")
+        if name in defaults.get(section, {}):
+            assert defaults[section][name] == want, path
+    for path in EXPECTED_UNSET:
+        section, _, name = path.partition(".")
+        if name in defaults.get(section, {}):
+            assert defaults[section][name] is None, path
+
+
+def test_printer_columns_use_plain_status_fields(version: dict[str, Any], schema: dict[str, Any]) -> None:
+    columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
+    assert list(columns) == [
+        "Phase",
+        "Progress",
+        "Epoch",
+        "Step",
+        "Checkpoint",
+        "Preemptions",
+        "Failures",
+        "Lost",
+        "Age",
+    ]
+    assert columns["Lost"]["priority"] == 1
+    for column in columns.values():
+        path = column["jsonPath"]
+        assert "[" not in path, f"{column['name']} must not index into a list (stale conditions)"
+        if path.startswith(".status."):
+            node = schema
+            for part in path.split(".")[1:]:
+                node = node["properties"][part]
+            assert node["type"] in ("string", "integer", "number")
+
+
+def test_conditions_are_a_map_keyed_by_type(schema: dict[str, Any]) -> None:
+    conditions = schema["properties"]["status"]["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map"
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+
+
+def test_generator_is_in_sync() -> None:
+    if not GENERATOR.exists():
+        pytest.skip("no generator")
+    result = subprocess.run([sys.executable, str(GENERATOR), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def unknown_keys(value: Any, node: dict[str, Any], path: str) -> Iterator[str]:
+    if node.get("x-kubernetes-preserve-unknown-fields"):
+        return
+    if isinstance(value, dict) and "properties" in node:
+        for key, child in value.items():
+            if key not in node["properties"]:
+                yield f"{path}.{key}"
+            else:
+                yield from unknown_keys(child, node["properties"][key], f"{path}.{key}")
+    elif isinstance(value, list) and "items" in node:
+        for i, item in enumerate(value):
+            yield from unknown_keys(item, node["items"], f"{path}[{i}]")
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_examples_use_only_known_fields(schema: dict[str, Any], example: Path) -> None:
+    manifest = yaml.safe_load(example.read_text())
+    assert manifest["apiVersion"] == "kubetune.io/v1alpha1"
+    assert manifest["kind"] == "FineTuneJob"
+    assert list(unknown_keys(manifest["spec"], schema["properties"]["spec"], "spec")) == []
+
+
+def test_examples_exist() -> None:
+    assert {p.name for p in EXAMPLES} >= {
+        "finetunejob-minimal.yaml",
+        "finetunejob-spot-gpu.yaml",
+        "finetunejob-ddp.yaml",
+    }
