@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from kubetune_trainer.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ class Checkpointer:
         self.last_save_time = time.monotonic()
         self.last_saved_step = -1
         self.save_seconds: list[float] = []
+        self.blocked_seconds: list[float] = []
+        self._completed: list[tuple[int, float, Path]] = []
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._buffers: dict[str, torch.Tensor] = {}
@@ -150,7 +153,9 @@ class Checkpointer:
             target=self._write_guarded, args=(step, snap), name="checkpoint-writer", daemon=True
         )
         self._thread.start()
-        return time.perf_counter() - t0
+        blocked = time.perf_counter() - t0
+        self.blocked_seconds.append(blocked)
+        return blocked
 
     def save_sync(self, step: int, state: dict[str, Any]) -> Path | None:
         """Write now (SIGTERM, end of training); raises CheckpointError if the write fails."""
@@ -168,6 +173,11 @@ class Checkpointer:
         if self._error is not None:
             err, self._error = self._error, None
             raise err
+
+    def drain_completed(self) -> list[tuple[int, float, Path]]:
+        """(step, write seconds, path) of saves that became durable since the last call."""
+        done, self._completed = self._completed, []
+        return done
 
     def _mark(self, step: int) -> None:
         self.last_saved_step = step
@@ -216,6 +226,7 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint write to {self.dir} failed at step {step}: {e}; {keep}") from e
         seconds = time.perf_counter() - t0
         self.save_seconds.append(seconds)
+        self._completed.append((step, seconds, final))  # list.append is atomic under the GIL
         log.info("checkpoint step %d written in %.3fs (%d bytes)", step, seconds, w.size)
         self.keep_latest_k()
         return final

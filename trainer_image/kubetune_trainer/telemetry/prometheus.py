@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from kubetune_trainer.telemetry import RunInfo, Telemetry
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from kubetune_trainer.telemetry import RunInfo, Telemetry
 
 log = logging.getLogger(__name__)
 

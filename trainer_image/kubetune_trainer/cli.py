@@ -1,0 +1,105 @@
+"""`kubetune-train`: parse the job, build the trainer, run it, report how it ended (exit code + termination log)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+from kubetune_trainer.config import ConfigError, load_job
+
+log = logging.getLogger("kubetune_trainer")
+EXIT_CODES = {"Completed": 0, "Preempted": 143, "InvalidConfig": 2, "Error": 1}
+
+
+def termination_log_path() -> Path | None:
+    """$KUBETUNE_TERMINATION_LOG when set, else /dev/termination-log when writable."""
+    if os.environ.get("KUBETUNE_TERMINATION_LOG"):
+        return Path(os.environ["KUBETUNE_TERMINATION_LOG"])
+    dev = Path("/dev/termination-log")
+    return dev if dev.exists() and os.access(dev, os.W_OK) else None
+
+
+def report(outcome: dict[str, object], rank: int) -> None:
+    line = json.dumps(outcome, sort_keys=False)
+    path = termination_log_path()
+    if path is not None and rank > 0 and os.environ.get("KUBETUNE_TERMINATION_LOG"):
+        path = path.with_name(f"{path.name}.rank{rank}")  # local torchrun: ranks share one env
+    if path is not None:
+        try:
+            path.write_text(line + "\n")
+        except OSError as e:
+            log.warning("cannot write termination log %s: %s", path, e)
+    print(line, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="kubetune-train", description="Fine-tune a timm model from a FineTuneJob spec."
+    )
+    p.add_argument("-f", "--file", required=True, help="FineTuneJob manifest or bare spec (YAML)")
+    p.add_argument(
+        "--checkpoint-dir", default=None, help="default $KUBETUNE_CHECKPOINT_DIR or ./runs/<name>/"
+    )
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    from kubetune_trainer import loop  # after argparse, so --help stays fast
+
+    # SIGTERM only raises a flag: the loop finishes the step, checkpoints synchronously and exits 143.
+    signal.signal(signal.SIGTERM, lambda *_: loop.STOP.set())
+    outcome = loop.Outcome("Error", 1)
+    trainer = None
+    rt = None
+    try:
+        cfg = load_job(args.file, args.overrides)
+        root = Path(
+            args.checkpoint_dir or os.environ.get("KUBETUNE_CHECKPOINT_DIR") or Path("runs") / cfg.name
+        )
+        rt = loop.init_runtime()
+        trainer = loop.Trainer(cfg, root, rt)
+        outcome = trainer.run()
+    except ConfigError as e:
+        outcome = loop.Outcome("InvalidConfig", 2, message=str(e))
+        log.error("invalid job: %s", e)
+    except Exception as e:
+        outcome = loop.Outcome("Error", 1, message=f"{type(e).__name__}: {e}")
+        log.error("training failed: %s\n%s", e, traceback.format_exc())
+    if trainer is not None:
+        outcome.step, outcome.total_steps = (
+            outcome.step or trainer.step,
+            outcome.total_steps or trainer.total_steps,
+        )
+        outcome.epoch = outcome.epoch or trainer.epoch
+        outcome.checkpoint = outcome.checkpoint or trainer.checkpoint_path
+        outcome.checkpoint_step = outcome.checkpoint_step or trainer.checkpoint_step
+        outcome.lost_steps = trainer.lost_steps_total
+        trainer.close(outcome.exit_code)
+    report(
+        {
+            "reason": outcome.reason,
+            "step": outcome.step,
+            "totalSteps": outcome.total_steps,
+            "epoch": outcome.epoch,
+            "checkpoint": outcome.checkpoint,
+            "checkpointStep": outcome.checkpoint_step,
+            "lostSteps": outcome.lost_steps,
+            "message": outcome.message,
+        },
+        rt.rank if rt else 0,
+    )
+    loop.shutdown_runtime(rt)
+    return outcome.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,583 @@
+"""The training loop: build components, resume, step, evaluate, checkpoint, stop on SIGTERM, export.
+
+One step is one optimizer update (gradAccumulation micro-batches). Everything that decides the weights
+after step N (data order, RNG states, optimizer/scheduler/scaler/EMA state) is in the checkpoint, so a
+resumed run is bitwise identical to an uninterrupted one when training.deterministic is on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kubetune_trainer import data as data_mod
+from kubetune_trainer import model as model_mod
+from kubetune_trainer import telemetry
+from kubetune_trainer.checkpoint import Checkpointer, Found, write_json_atomic
+from kubetune_trainer.config import ConfigError, JobConfig, resume_mismatch
+from kubetune_trainer.export import export_final
+
+log = logging.getLogger(__name__)
+
+STOP = threading.Event()
+"""Set by the SIGTERM handler; the loop checks it (all-reduced across ranks) after every step."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where the process runs: rank, world, device, labels from the environment."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+    job: str = "local"
+    namespace: str = "default"
+    run_id: str | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+@dataclass
+class Outcome:
+    """How the run ended; cli.py turns it into the exit code and the termination message."""
+
+    reason: str
+    exit_code: int
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    checkpoint: str | None = None
+    checkpoint_step: int | None = None
+    lost_steps: int = 0
+    message: str = ""
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier of the peak learning rate at `step` (a pure function, so resume needs no extra state)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if kind == "step":
+        return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
+    return 1.0
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, root: Path, rt: Runtime) -> None:
+        self.cfg = cfg
+        self.root = root
+        self.rt = rt
+        t = cfg.training
+        self.deterministic = t.deterministic if t.deterministic is not None else rt.device == "cpu"
+        self.device = torch.device(rt.device)
+        self.precision = self._precision()
+        self.step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.eval_step = -1
+        self.metrics: dict[str, float] = {}
+        self.lost_steps_total = 0
+        self.resumes = 0
+        self.lost_now = 0
+        self.run_id = ""
+        self.first_start = True
+        self._iter: Any = None
+        self._setup()
+
+    # -- setup ---------------------------------------------------------------------------------------
+    def _precision(self) -> str:
+        p = self.cfg.training.precision
+        if p == "auto":
+            return "bf16" if self.device.type == "cuda" else "fp32"
+        if p != "fp32" and self.device.type != "cuda":
+            log.warning("training.precision %s needs CUDA; using fp32 on CPU", p)
+            return "fp32"
+        return p
+
+    def _setup(self) -> None:
+        cfg, t = self.cfg, self.cfg.training
+        seed_everything(t.seed, self.deterministic)
+        mdata = model_mod.data_config(cfg.model.name)
+        self.data = data_mod.build_datasets(cfg.data, cfg.model.numClasses, mdata, t.seed)
+        self.num_classes = cfg.model.numClasses or len(self.data.classes)
+        n_train = len(self.data.train)  # type: ignore[arg-type]
+        self.sampler = data_mod.ResumableBatchSampler(
+            n_train, t.batchSize, t.seed, self.rt.rank, self.rt.world_size
+        )
+        if self.sampler.batches_per_epoch == 0:
+            raise ConfigError(
+                f"training.batchSize: {t.batchSize} is larger than the training set per process "
+                f"({n_train // self.rt.world_size} samples)"
+            )
+        self.steps_per_epoch = data_mod.steps_per_epoch(self.sampler.batches_per_epoch, t.gradAccumulation)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"training.gradAccumulation: {t.gradAccumulation} micro-batches exceed the "
+                f"{self.sampler.batches_per_epoch} batches of an epoch"
+            )
+        self.total_steps = t.maxSteps or (t.epochs or 1) * self.steps_per_epoch
+        built = model_mod.build_model(cfg.model, self.num_classes, self.data.image_size)
+        self.frozen = built.frozen_prefixes
+        self.model: nn.Module = built.model.to(self.device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if t.optimizer == "adamw":
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+                params, lr=t.learningRate, weight_decay=t.weightDecay
+            )
+        else:
+            self.optimizer = torch.optim.SGD(
+                params, lr=t.learningRate, momentum=0.9, nesterov=True, weight_decay=t.weightDecay
+            )
+        total, warm, kind = self.total_steps, t.warmupSteps, t.scheduler
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total, warm, kind)
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.ema: nn.Module | None = None
+        if t.ema:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=0.9998, use_warmup=True)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=t.labelSmoothing)
+        if self.rt.distributed:
+            ids = [self.rt.local_rank] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.ckpt = Checkpointer(self.root, cfg.checkpoint, writer=self.rt.rank == 0)
+        self._resume()
+        self.telemetry = telemetry.build(cfg, self.rt.rank)
+
+    # -- resume --------------------------------------------------------------------------------------
+    def _progress_path(self) -> Path:
+        return self.root / "progress.json"
+
+    def _read_progress(self) -> dict[str, Any]:
+        try:
+            import json
+
+            doc: dict[str, Any] = json.loads(self._progress_path().read_text())
+            return doc
+        except (OSError, ValueError):
+            return {}
+
+    def _find_checkpoint(self) -> Found | None:
+        found = self.ckpt.find_latest_valid() if self.rt.rank == 0 else None
+        if self.rt.distributed:  # every rank resumes from the checkpoint rank 0 chose
+            box: list[Any] = [found]
+            dist.broadcast_object_list(box, src=0)
+            found = box[0]
+        return found
+
+    def _resume(self) -> None:
+        progress = self._read_progress()
+        found = self._find_checkpoint()
+        self.first_start = not progress and found is None
+        self.lost_steps_total = int(progress.get("lostStepsTotal", 0))
+        self.resumes = int(progress.get("resumes", 0))
+        self.wandb_step = int(progress.get("wandbStep", -1))
+        state: dict[str, Any] = {}
+        if found is not None:
+            state = self.ckpt.load(found)
+            self._check_compatible(state)
+            self._load_state(state)
+            self.ckpt.last_saved_step = found.step
+            log.info(
+                "resumed from %s (step %d, epoch %d, batch %d)",
+                found.path,
+                self.step,
+                self.epoch,
+                self.step_in_epoch,
+            )
+        if progress:
+            reached = int(progress.get("step", 0))
+            self.lost_now = max(0, reached - self.step)
+            self.lost_steps_total += self.lost_now
+            self.resumes += 1
+            log.info(
+                "restart %d: last run reached step %d, resuming at %d: %d steps lost",
+                self.resumes,
+                reached,
+                self.step,
+                self.lost_now,
+            )
+        self.run_id = self.rt.run_id or state.get("wandb_run_id") or progress.get("runId") or _new_run_id()
+        self.checkpoint_path = str(found.path) if found else None
+        self.checkpoint_step = found.step if found else None
+        self._write_progress()
+
+    def _check_compatible(self, state: dict[str, Any]) -> None:
+        why = resume_mismatch(state["spec"], self.cfg)
+        if why is None and state["classes"] != self.data.classes:
+            why = (
+                f"data.path: classes changed since the checkpoint ({state['classes']} -> {self.data.classes})"
+            )
+        if why is None and state["train_size"] != self.sampler.n:
+            why = f"data.path: training set has {self.sampler.n} samples, the checkpoint was trained on {state['train_size']}"
+        if why is None and state["world_size"] != self.rt.world_size:
+            why = f"workers: checkpoint was written by {state['world_size']} processes, now {self.rt.world_size}"
+        if why:
+            raise ConfigError(why)
+
+    def _load_state(self, s: dict[str, Any]) -> None:
+        model_mod.unwrap(self.model).load_state_dict(s["model"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scheduler.load_state_dict(s["scheduler"])
+        self.scaler.load_state_dict(s["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(s["ema"])
+        self.step, self.epoch, self.step_in_epoch = s["step"], s["epoch"], s["step_in_epoch"]
+        self.eval_step = s["eval_step"]
+        self.metrics = dict(s["metrics"])
+        set_rng_state(s["rng"])
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to continue bit-for-bit (tensors are referenced; the checkpointer copies them)."""
+        return {
+            "model": model_mod.unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "step": self.step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "eval_step": self.eval_step,
+            "sampler": self.sampler.state_dict(),
+            "rng": rng_state(),
+            "spec": self.cfg.to_spec(),
+            "classes": self.data.classes,
+            "train_size": self.sampler.n,
+            "world_size": self.rt.world_size,
+            "wandb_run_id": self.run_id,
+            "metrics": dict(self.metrics),
+        }
+
+    def _write_progress(self) -> None:
+        if self.rt.rank != 0:
+            return
+        tele = getattr(self, "telemetry", None)
+        doc = {
+            "step": self.step,
+            "totalSteps": self.total_steps,
+            "checkpointStep": self.checkpoint_step,
+            "runId": self.run_id,
+            "wandbStep": max(self.wandb_step, tele.last_logged_step if tele else -1),
+            "resumes": self.resumes,
+            "lostStepsTotal": self.lost_steps_total,
+        }
+        # Not fsynced: a killed process still leaves it in the page cache; only a node crash could lose the
+        # latest step, and then lost steps are under-reported, never wrong about the checkpoint.
+        write_json_atomic(self._progress_path(), doc, durable=False)
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def run(self) -> Outcome:
+        info = telemetry.RunInfo(
+            job=self.rt.job,
+            namespace=self.rt.namespace,
+            total_steps=self.total_steps,
+            start_step=self.step,
+            spec=self.cfg.to_spec(),
+            run_id=self.run_id,
+            first_start=self.first_start,
+            last_logged_step=self.wandb_step,
+            samples_done=self.step * self._global_batch(),
+            resumes=self.resumes,
+            lost_steps=self.lost_steps_total,
+            extra={"checkpoint_step": self.checkpoint_step or 0},
+        )
+        self.telemetry.start(info)
+        model_mod.set_train_mode(self.model, self.frozen)
+        self._last_time = time.perf_counter()
+        while True:
+            if self._stop_requested():
+                return self._preempt()
+            if self.step_in_epoch >= self.steps_per_epoch:
+                self._end_epoch()
+                continue
+            if self.step >= self.total_steps:
+                break
+            self._train_step()
+        return self._finish()
+
+    def _global_batch(self) -> int:
+        t = self.cfg.training
+        return t.batchSize * t.gradAccumulation * self.rt.world_size
+
+    def _stop_requested(self) -> bool:
+        if not self.rt.distributed:
+            return STOP.is_set()
+        # A SIGTERM on any rank stops every rank at the same step.
+        flag = torch.tensor([1.0 if STOP.is_set() else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._iter is None:
+            accum = self.cfg.training.gradAccumulation
+            self.sampler.set_position(self.epoch, self.step_in_epoch * accum)
+            loader = data_mod.make_loader(
+                self.data.train, self.sampler, self.cfg.data.numWorkers, self.cfg.training.seed
+            )
+            self._iter = iter(loader)
+        x, y = next(self._iter)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _train_step(self) -> None:
+        t = self.cfg.training
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(t.gradAccumulation):
+            x, y = self._next_batch()
+            last = micro == t.gradAccumulation - 1
+            sync = contextlib.nullcontext() if last or not self.rt.distributed else self.model.no_sync()  # type: ignore[operator]
+            with sync:
+                with self._autocast():
+                    loss = self.criterion(self.model(x), y) / t.gradAccumulation
+                self.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        if t.gradClip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], t.gradClip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        self.step_in_epoch += 1
+        if self.ema is not None:
+            self.ema.update(model_mod.unwrap(self.model), step=self.step)  # type: ignore[operator]
+        self._after_step(float(loss_sum.item()), lr)
+
+    def _after_step(self, loss: float, lr: float) -> None:
+        now = time.perf_counter()
+        dt, self._last_time = now - self._last_time, now
+        self.metrics.update(loss=loss, learning_rate=lr)
+        self.telemetry.log_step(
+            self.step,
+            {
+                "loss": loss,
+                "learning_rate": lr,
+                "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch,
+                "samples": float(self._global_batch()),
+                "samples_per_second": self._global_batch() / max(dt, 1e-9),
+            },
+        )
+        self._drain_saves()
+        self._write_progress()
+        if (
+            self.step_in_epoch < self.steps_per_epoch
+            and self.step < self.total_steps
+            and self.ckpt.should_save(self.step)
+        ):
+            self._save(sync=False)
+
+    def _end_epoch(self) -> None:
+        self._evaluate()
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self._iter = None
+        if self.step < self.total_steps:
+            self._save(sync=False)
+
+    def _save(self, sync: bool) -> None:
+        if self.rt.distributed:
+            dist.barrier()
+        if sync:
+            t0 = time.perf_counter()
+            self.ckpt.save_sync(self.step, self.state())
+            seconds = time.perf_counter() - t0
+        else:
+            seconds = self.ckpt.save_async(self.step, self.state())
+        if self.rt.distributed:
+            dist.barrier()
+        if sync:  # durable on every rank once rank 0 passed the barrier
+            log.info("checkpoint step %d written synchronously in %.3fs", self.step, seconds)
+            self.checkpoint_path, self.checkpoint_step = str(self.ckpt.path_for(self.step)), self.step
+        self._drain_saves()
+
+    def _drain_saves(self) -> None:
+        """Report saves that became durable (async ones finish in the background)."""
+        for step, seconds, path in self.ckpt.drain_completed():
+            self.checkpoint_path, self.checkpoint_step = str(path), step
+            self.telemetry.checkpoint_saved(step, seconds)
+
+    @torch.no_grad()
+    def _evaluate(self) -> None:
+        if self.data.val is None or self.eval_step == self.step:
+            return
+        net = self.ema.module if self.ema is not None else model_mod.unwrap(self.model)  # type: ignore[union-attr]
+        net.eval()
+        idx = data_mod.eval_indices(len(self.data.val), self.rt.rank, self.rt.world_size)  # type: ignore[arg-type]
+        bs = self.cfg.training.batchSize
+        batches = [idx[i : i + bs] for i in range(0, len(idx), bs)]
+        loader = data_mod.make_loader(self.data.val, batches, self.cfg.data.numWorkers, 0)  # type: ignore[arg-type]
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, count
+        k = min(5, self.num_classes)
+        for x, y in loader:
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                out = net(x)
+            sums[0] += nn.functional.cross_entropy(out.float(), y, reduction="sum").double()
+            top = out.topk(k, dim=1).indices
+            sums[1] += (top[:, 0] == y).sum()
+            sums[2] += (top == y[:, None]).any(dim=1).sum()
+            sums[3] += y.numel()
+        if self.rt.distributed:
+            dist.all_reduce(sums)
+        n = max(1.0, float(sums[3]))
+        result = {
+            "eval_loss": float(sums[0]) / n,
+            "eval_top1": float(sums[1]) / n,
+            "eval_top5": float(sums[2]) / n,
+        }
+        self.metrics.update(result)
+        self.eval_step = self.step
+        log.info(
+            "eval at step %d (epoch %d): %s",
+            self.step,
+            self.epoch,
+            {k: round(v, 4) for k, v in result.items()},
+        )
+        self.telemetry.log_eval(self.step, result)
+        model_mod.set_train_mode(self.model, self.frozen)
+
+    # -- endings -------------------------------------------------------------------------------------
+    def _preempt(self) -> Outcome:
+        self.telemetry.preempting()
+        t0 = time.perf_counter()
+        if self.ckpt.last_saved_step != self.step:
+            self._save(sync=True)
+        else:
+            self.ckpt.wait()
+            if self.rt.distributed:
+                dist.barrier()
+            self._drain_saves()
+        log.info("SIGTERM: checkpoint at step %d durable after %.3fs", self.step, time.perf_counter() - t0)
+        self._write_progress()
+        return self._outcome("Preempted", 143, f"stopped by SIGTERM at step {self.step}; checkpoint saved")
+
+    def _finish(self) -> Outcome:
+        self._evaluate()
+        if self.ckpt.last_saved_step != self.step:
+            self._save(sync=True)
+        self.ckpt.wait()
+        self._drain_saves()
+        final = None
+        if self.rt.rank == 0:
+            net = self.ema.module if self.ema is not None else model_mod.unwrap(self.model)  # type: ignore[union-attr]
+            pcfg = dict(getattr(model_mod.unwrap(self.model), "pretrained_cfg", {}) or {})
+            pcfg["num_classes"] = self.num_classes
+            final = export_final(
+                self.root / "final", net.state_dict(), self.cfg.model.name, pcfg, self.data.classes
+            )
+            log.info("final model written to %s", final)
+        if self.rt.distributed:
+            dist.barrier()
+        self._write_progress()
+        top1 = self.metrics.get("eval_top1")
+        acc = f", eval top-1 {top1:.4f}" if top1 is not None else ""
+        return self._outcome(
+            "Completed", 0, f"finished {self.step} steps{acc}; model at {final or self.root / 'final'}"
+        )
+
+    def _outcome(self, reason: str, code: int, message: str) -> Outcome:
+        return Outcome(
+            reason=reason,
+            exit_code=code,
+            step=self.step,
+            total_steps=self.total_steps,
+            epoch=self.epoch,
+            checkpoint=self.checkpoint_path,
+            checkpoint_step=self.checkpoint_step,
+            lost_steps=self.lost_steps_total,
+            message=message,
+        )
+
+    def close(self, exit_code: int) -> None:
+        """Flush telemetry on every exit path (W&B finish gets the exit code)."""
+        tele = getattr(self, "telemetry", None)
+        if tele is not None:
+            tele.finish(exit_code)
+        with contextlib.suppress(Exception):
+            self.ckpt.wait()
+
+
+def _new_run_id() -> str:
+    return os.urandom(4).hex()
+
+
+def init_runtime() -> Runtime:
+    """Rank/world from torchrun's environment; joins the process group (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
+        torch.cuda.set_device(local_rank)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return Runtime(
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank,
+        device=f"cuda:{local_rank}" if cuda else "cpu",
+        job=os.environ.get("KUBETUNE_JOB", "local"),
+        namespace=os.environ.get("KUBETUNE_NAMESPACE", "default"),
+        run_id=os.environ.get("KUBETUNE_RUN_ID") or None,
+    )
+
+
+def shutdown_runtime(rt: Runtime | None) -> None:
+    if rt is not None and rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()
