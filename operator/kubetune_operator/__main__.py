@@ -1,0 +1,3 @@
+from kubetune_operator.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,374 @@
+"""The reconcile loop: caches fed by kopf's watches, a work queue, and reconcile = observe, plan, apply.
+
+Everything that decides lives in `lifecycle.plan`; this module gathers its inputs (cached job and pods,
+a direct GET when the cache may lag, dependency checks, a scrape of the trainer's metrics) and applies
+its output: one status write (guarded by resourceVersion), then creates, deletes and events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+
+from kubetune_operator import builders, lifecycle
+from kubetune_operator.api import API_VERSION, FineTuneJob, SpecError, parse_job
+from kubetune_operator.kube import ApiError, Kube
+from kubetune_operator.metrics import OperatorMetrics, parse_trainer_metrics
+from kubetune_operator.runtime import WorkQueue
+from kubetune_operator.status import FINISHED, fmt_time, set_phase, status_patch
+
+log = logging.getLogger(__name__)
+JobKey = tuple[str, str]  # (namespace, name)
+COMPONENT = "kubetune-operator"
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """Operator settings from the command line."""
+
+    trainer_image: str = ""
+    workers: int = 8
+    scrape_interval: float = 10.0
+    scrape_timeout: float = 2.0
+    lifecycle: lifecycle.Settings = field(default_factory=lifecycle.Settings)
+
+
+@dataclass
+class _PodEntry:
+    body: dict[str, Any]
+    gone: bool = False
+    ended_at: float | None = None  # monotonic time the pod was first seen ended or gone
+
+
+@dataclass
+class _Scrape:
+    at: float
+    progress: lifecycle.Progress
+    rate: float | None = None  # steps per second between the last two scrapes
+
+
+def _rv(body: Mapping[str, Any]) -> int:
+    try:
+        return int((body.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
+class Controller:
+    def __init__(self, kube: Kube, config: ControllerConfig) -> None:
+        self.kube = kube
+        self.config = config
+        self.queue: WorkQueue[JobKey] = WorkQueue()
+        self.jobs: dict[JobKey, dict[str, Any]] = {}
+        self.pods: dict[JobKey, dict[str, _PodEntry]] = {}
+        self.scrapes: dict[JobKey, _Scrape] = {}
+        self.ended_at: dict[JobKey, float] = {}
+        self.metrics = OperatorMetrics(
+            lambda: [(j.get("status") or {}).get("phase") or "Pending" for j in self.jobs.values()]
+        )
+        self.active = asyncio.Event()  # set while this replica is the leader
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- watch events (from kopf handlers) ---------------------------------------------------------------
+    def job_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        if event_type == "DELETED":
+            self.jobs.pop(key, None)
+            self.pods.pop(key, None)
+            self.scrapes.pop(key, None)
+            self.queue.forget(key)
+            return
+        cached = self.jobs.get(key)
+        if (
+            cached is not None
+            and _rv(cached) > _rv(body)
+            and cached["metadata"].get("uid") == meta.get("uid")
+        ):
+            return  # our own newer write is already cached
+        self.jobs[key] = copy.deepcopy(dict(body))
+        self.queue.add(key)
+
+    def pod_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        job = (meta.get("labels") or {}).get(builders.LABEL_JOB)
+        owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == "FineTuneJob"), None)
+        if not job or owner is None:
+            return
+        key = (meta.get("namespace", ""), owner.get("name", job))
+        entries = self.pods.setdefault(key, {})
+        entry = entries.get(meta["name"])
+        gone = event_type == "DELETED"
+        if (
+            entry is not None
+            and entry.body["metadata"].get("uid") == meta.get("uid")
+            and _rv(entry.body) > _rv(body)
+        ):
+            return
+        new = _PodEntry(body=copy.deepcopy(dict(body)), gone=gone, ended_at=entry.ended_at if entry else None)
+        if new.ended_at is None and (gone or lifecycle.pod_view(new.body).exit_code is not None):
+            new.ended_at = time.monotonic()
+        entries[meta["name"]] = new
+        self.queue.add(key)
+
+    # -- lifecycle of the controller --------------------------------------------------------------------
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.config.workers)]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.kube.close()
+
+    async def set_leader(self, leader: bool) -> None:
+        if leader:
+            self.active.set()
+            for key in list(self.jobs):
+                self.queue.add(key)
+        else:
+            self.active.clear()
+
+    async def _worker(self, index: int) -> None:
+        while True:
+            key = await self.queue.get()
+            try:
+                if not self.active.is_set():
+                    await self.active.wait()
+                started = time.perf_counter()
+                requeue = await self.reconcile(key)
+                self.metrics.reconcile.observe(time.perf_counter() - started)
+                if requeue is not None:
+                    self.queue.add_after(key, requeue)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                log.exception("reconcile %s/%s failed: %s; retrying in 5s", key[0], key[1], err)
+                self.queue.add_after(key, 5.0)
+            finally:
+                self.queue.done(key)
+
+    # -- reconcile ---------------------------------------------------------------------------------------
+    async def reconcile(self, key: JobKey) -> float | None:
+        body = self.jobs.get(key)
+        if body is None:
+            return None
+        now = datetime.now(UTC)
+        status = dict(body.get("status") or {})
+        try:
+            job = parse_job(body, self.config.trainer_image)
+        except SpecError as err:
+            await self._reject(body, status, err, now)
+            return None
+        finished = status.get("phase") in FINISHED and job.spec.run_policy.ttl_seconds_after_finished is None
+        if finished and all(e.gone for e in self.pods.get(key, {}).values()):
+            return None
+        views = await self._pod_views(key, job, status)
+        obs = lifecycle.Observed(
+            job=job,
+            status=status,
+            pods=views,
+            now=now,
+            progress=await self._scrape(key, job, status, views),
+            missing=await self._missing(job)
+            if status.get("nextAttemptTime") or "attempt" not in status
+            else (),
+            unready_nodes=await self._unready_nodes(views),
+        )
+        plan = lifecycle.plan(obs, self.config.lifecycle)
+        if not await self._write_status(key, body, status, plan.status):
+            return 0.5  # someone wrote first: re-plan from the newer object
+        await self._apply(key, body, job, plan)
+        requeue = plan.requeue_after
+        if plan.status.get("phase") == "Running" and job.spec.metrics_port:
+            requeue = min(requeue or self.config.scrape_interval, self.config.scrape_interval)
+        return requeue
+
+    async def _reject(
+        self, body: dict[str, Any], status: dict[str, Any], err: SpecError, now: datetime
+    ) -> None:
+        new = dict(status)
+        if new.get("phase") != "Failed":
+            set_phase(
+                new, "Failed", "InvalidSpec", str(err), now, int(body["metadata"].get("generation") or 1)
+            )
+            new["completionTime"] = fmt_time(now)
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        if await self._write_status(key, body, status, new) and status.get("phase") != "Failed":
+            await self.kube.post_event(body, "Warning", "InvalidSpec", str(err), COMPONENT)
+
+    async def _pod_views(
+        self, key: JobKey, job: FineTuneJob, status: Mapping[str, Any]
+    ) -> list[lifecycle.PodView]:
+        entries = self.pods.setdefault(key, {})
+        attempt = int(status.get("attempt") or 0)
+        # Forget pods of finished attempts once they are gone: nothing will ask about them again.
+        for name in [
+            n for n, e in entries.items() if e.gone and lifecycle.pod_view(e.body).attempt < attempt
+        ]:
+            del entries[name]
+        if attempt and not status.get("nextAttemptTime"):
+            # Pods of the live attempt that the watch has not shown: the cache may lag our own create.
+            for rank in range(job.spec.workers):
+                name = builders.pod_name(job.ref.name, attempt, rank)
+                if name not in entries:
+                    pod = await self.kube.get("v1", "Pod", job.ref.namespace, name)
+                    if pod is not None:
+                        self.pod_event("ADDED", pod)
+        views = []
+        for entry in entries.values():
+            owner: dict[str, Any] = next(iter(entry.body["metadata"].get("ownerReferences") or []), {})
+            if owner.get("uid") != job.ref.uid:
+                continue  # a pod of an earlier job with the same name
+            views.append(lifecycle.pod_view(entry.body, gone=entry.gone))
+        return views
+
+    async def _missing(self, job: FineTuneJob) -> tuple[str, ...]:
+        """Dependencies the user must create before pods can start (a waiting condition, not a crash)."""
+        missing = []
+        ns = job.ref.namespace
+        if (
+            job.spec.data_claim
+            and await self.kube.get("v1", "PersistentVolumeClaim", ns, job.spec.data_claim) is None
+        ):
+            missing.append(
+                f"PersistentVolumeClaim {job.spec.data_claim!r} (spec.data.claimName) in namespace {ns}"
+            )
+        if job.spec.checkpoint.existing_claim:
+            claim = job.spec.checkpoint.existing_claim
+            if await self.kube.get("v1", "PersistentVolumeClaim", ns, claim) is None:
+                missing.append(
+                    f"PersistentVolumeClaim {claim!r} (spec.checkpoint.existingClaim) in namespace {ns}"
+                )
+        ref = job.spec.wandb_secret
+        if ref is not None:
+            secret = await self.kube.get("v1", "Secret", ns, ref.name)
+            if secret is None:
+                missing.append(f"Secret {ref.name!r} (spec.wandb.apiKeySecretRef) in namespace {ns}")
+            elif ref.key not in (secret.get("data") or {}) and ref.key not in (
+                secret.get("stringData") or {}
+            ):
+                missing.append(f"key {ref.key!r} in Secret {ref.name!r} (spec.wandb.apiKeySecretRef.key)")
+        return tuple(missing)
+
+    async def _unready_nodes(self, views: list[lifecycle.PodView]) -> frozenset[str]:
+        limit = self.config.lifecycle.stuck_terminating_seconds
+        now = datetime.now(UTC)
+        nodes = {
+            v.node_name
+            for v in views
+            if v.node_name
+            and not v.gone
+            and v.deleting_since
+            and (now - v.deleting_since).total_seconds() >= limit
+        }
+        unready = set()
+        for name in nodes:
+            try:
+                node = await self.kube.request("GET", f"/api/v1/nodes/{name}")
+            except ApiError as err:
+                if err.status == 404:
+                    unready.add(name)
+                    continue
+                raise
+            ready: dict[str, Any] = next(
+                (c for c in (node.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"),
+                {},
+            )
+            if ready.get("status") != "True":
+                unready.add(name)
+        return frozenset(unready)
+
+    async def _scrape(
+        self, key: JobKey, job: FineTuneJob, status: Mapping[str, Any], views: list[lifecycle.PodView]
+    ) -> lifecycle.Progress | None:
+        """Progress from rank 0's metrics endpoint, at most once per scrape interval."""
+        if not job.spec.metrics_port or status.get("phase") not in ("Running", "Restarting", "Pending"):
+            return None
+        attempt = int(status.get("attempt") or 0)
+        rank0 = next((v for v in views if v.attempt == attempt and v.rank == 0 and not v.gone), None)
+        last = self.scrapes.get(key)
+        if rank0 is None or not rank0.pod_ip or rank0.phase != "Running":
+            return None
+        if last is not None and time.monotonic() - last.at < self.config.scrape_interval * 0.9:
+            return last.progress
+        url = f"http://{rank0.pod_ip}:{job.spec.metrics_port}/metrics"
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.config.scrape_timeout)
+            async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as resp:
+                text = await resp.text()
+        except (aiohttp.ClientError, TimeoutError, OSError) as err:
+            log.debug("scrape %s failed: %s", url, err)
+            return last.progress if last else None
+        progress = parse_trainer_metrics(text)
+        if progress is None:
+            return last.progress if last else None
+        now = time.monotonic()
+        rate = None
+        if last is not None and progress.step > last.progress.step and now > last.at:
+            rate = (progress.step - last.progress.step) / (now - last.at)
+        rate = rate or (last.rate if last else None)
+        progress = lifecycle.Progress(**{**progress.__dict__, "steps_per_second": rate})
+        self.scrapes[key] = _Scrape(at=now, progress=progress, rate=rate)
+        return progress
+
+    async def _write_status(
+        self, key: JobKey, body: dict[str, Any], old: Mapping[str, Any], new: Mapping[str, Any]
+    ) -> bool:
+        patch = status_patch(old, new)
+        if patch is None:
+            return True
+        meta = body["metadata"]
+        try:
+            updated = await self.kube.patch_job_status(
+                meta["namespace"], meta["name"], patch, meta.get("resourceVersion")
+            )
+        except ApiError as err:
+            if err.status == 409:
+                log.info("status of %s/%s changed underneath; re-planning", *key)
+                fresh = await self.kube.get(API_VERSION, "FineTuneJob", meta["namespace"], meta["name"])
+                if fresh is not None:
+                    self.jobs[key] = fresh
+                return False
+            if err.status == 404:
+                self.jobs.pop(key, None)
+                return False
+            raise
+        self.jobs[key] = updated
+        return True
+
+    async def _apply(self, key: JobKey, body: dict[str, Any], job: FineTuneJob, plan: lifecycle.Plan) -> None:
+        ns = job.ref.namespace
+        for obj in plan.create:
+            await self.kube.create(obj)
+        if plan.started_attempt is not None:
+            ended = self.ended_at.pop(key, None)
+            if ended is not None:
+                self.metrics.recovery.observe(time.monotonic() - ended)
+        for name in plan.delete_pods:
+            await self.kube.delete("v1", "Pod", ns, name)
+        for name in plan.force_delete_pods:
+            await self.kube.delete("v1", "Pod", ns, name, grace_seconds=0)
+        if plan.preempted:
+            self.metrics.preemptions.labels(reason=plan.preempted).inc()
+            self.metrics.lost_steps.inc(plan.lost_steps)
+            self.ended_at[key] = self._attempt_end_time(key) or time.monotonic()
+        if plan.failed:
+            self.metrics.pod_failures.labels(cause=plan.failed).inc()
+        current = self.jobs.get(key, body)
+        for event in plan.events:
+            await self.kube.post_event(current, event.type, event.reason, event.message, COMPONENT)
+        if plan.delete_job:
+            await self.kube.delete(API_VERSION, "FineTuneJob", ns, job.ref.name)
+
+    def _attempt_end_time(self, key: JobKey) -> float | None:
+        times = [e.ended_at for e in self.pods.get(key, {}).values() if e.ended_at is not None]
+        return max(times) if times else None

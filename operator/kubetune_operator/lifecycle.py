@@ -1,0 +1,730 @@
+"""How each trainer pod ended, and what the job does next: pure functions of what was observed.
+
+`classify` reads one pod the way a user would ("preempted by the scheduler", "OOM-killed", "finished").
+`plan` takes the job, its current status and its pods, and returns the new status plus the actions
+to take. It is the only place that decides; the controller only gathers inputs and applies the plan.
+
+Restart bookkeeping lives in the status, so a restarted operator never double-counts:
+- `status.attempt` is the attempt whose pods should exist; older attempts' pods are torn down.
+- `status.nextAttemptTime` set means "attempt `status.attempt` is due but its pods are not created yet".
+A disruption or failure is counted in the same status write that bumps `attempt`, and that write
+carries the resourceVersion it was computed from, so it happens at most once.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from kubetune_operator import builders
+from kubetune_operator.api import FineTuneJob
+from kubetune_operator.status import FINISHED, fmt_time, format_eta, parse_time, set_phase
+
+IMAGE_PULL_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
+CONFIG_WAIT_REASONS = ("CreateContainerConfigError", "CreateContainerError")
+# Which disruption reason names a gang restart when several pods ended: the most specific cause wins.
+_REASON_RANK = (
+    "PreemptionByScheduler",
+    "DeletionByTaintManager",
+    "EvictionByEvictionAPI",
+    "DeletionByPodGC",
+    "TerminationByKubelet",
+    "Evicted",
+    "SIGTERM",
+    "PodDeleted",
+)
+
+
+class Outcome(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    TERMINATING = "Terminating"  # going away (disruption or deletion) but not finished yet
+    SUCCEEDED = "Succeeded"
+    DISRUPTED = "Disrupted"  # not the job's fault: never spends the failure budget
+    FAILED = "Failed"  # retried with backoff until backoffLimit
+    PERMANENT = "Permanent"  # retrying cannot help (trainer exit 2)
+
+
+ENDED = (Outcome.SUCCEEDED, Outcome.DISRUPTED, Outcome.FAILED, Outcome.PERMANENT)
+
+
+@dataclass(frozen=True)
+class TrainerReport:
+    """The trainer's one-line JSON termination message."""
+
+    reason: str
+    step: int | None = None
+    total_steps: int | None = None
+    epoch: int | None = None
+    checkpoint: str | None = None
+    checkpoint_step: int | None = None
+    lost_steps: int | None = None
+    message: str = ""
+
+
+def parse_report(text: str | None) -> TrainerReport | None:
+    """The last JSON line with a `reason` in a termination message (logs may precede it), else None."""
+    for line in reversed((text or "").strip().splitlines()):
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("reason"), str):
+
+            def num(key: str, d: dict[str, Any] = doc) -> int | None:
+                v = d.get(key)
+                return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+            return TrainerReport(
+                reason=doc["reason"],
+                step=num("step"),
+                total_steps=num("totalSteps"),
+                epoch=num("epoch"),
+                checkpoint=doc.get("checkpoint") if isinstance(doc.get("checkpoint"), str) else None,
+                checkpoint_step=num("checkpointStep"),
+                lost_steps=num("lostSteps"),
+                message=str(doc.get("message") or ""),
+            )
+    return None
+
+
+@dataclass(frozen=True)
+class PodView:
+    """What the lifecycle needs to know about one trainer pod."""
+
+    name: str
+    attempt: int
+    rank: int
+    phase: str = "Pending"
+    status_reason: str | None = None  # pod.status.reason, e.g. Evicted (kubelet node pressure)
+    gone: bool = False  # no longer in the API
+    deleting_since: datetime | None = None  # metadata.deletionTimestamp
+    disruption: tuple[str, str] | None = None  # DisruptionTarget=True (reason, message)
+    exit_code: int | None = None
+    terminated_reason: str | None = None  # e.g. OOMKilled, Error, Completed
+    report: TrainerReport | None = None
+    waiting_reason: str | None = None
+    created: datetime | None = None
+    pod_ip: str | None = None
+    node_name: str | None = None
+
+
+def pod_view(pod: Mapping[str, Any], gone: bool = False) -> PodView:
+    """Build a PodView from a pod as the API serialises it (camelCase keys)."""
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    labels = meta.get("labels") or {}
+    disruption = None
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+            disruption = (str(cond.get("reason") or "Disrupted"), str(cond.get("message") or ""))
+    exit_code = terminated_reason = waiting = None
+    message = None
+    for cs in status.get("containerStatuses") or []:
+        if cs.get("name") != "trainer":
+            continue
+        state = cs.get("state") or {}
+        if state.get("terminated"):
+            term = state["terminated"]
+            exit_code = int(term.get("exitCode", 1))
+            terminated_reason = term.get("reason")
+            message = term.get("message")
+        elif state.get("waiting"):
+            waiting = state["waiting"].get("reason")
+    return PodView(
+        name=meta.get("name", ""),
+        attempt=_int_label(labels, builders.LABEL_ATTEMPT),
+        rank=_int_label(labels, builders.LABEL_RANK),
+        phase=status.get("phase") or "Pending",
+        status_reason=status.get("reason"),
+        gone=gone,
+        deleting_since=parse_time(meta.get("deletionTimestamp")),
+        disruption=disruption,
+        exit_code=exit_code,
+        terminated_reason=terminated_reason,
+        report=parse_report(message),
+        waiting_reason=waiting,
+        created=parse_time(meta.get("creationTimestamp")),
+        pod_ip=status.get("podIP"),
+        node_name=(pod.get("spec") or {}).get("nodeName"),
+    )
+
+
+def _int_label(labels: Mapping[str, str], key: str) -> int:
+    try:
+        return int(labels.get(key, "0"))
+    except ValueError:
+        return 0
+
+
+@dataclass(frozen=True)
+class PodEnd:
+    outcome: Outcome
+    reason: str
+    message: str = ""
+
+
+def classify(pod: PodView, now: datetime, start_timeout: float = 300.0) -> PodEnd:
+    """How one pod stands. Disruptions are never the job's fault; exit 2 is never worth retrying."""
+    if pod.gone:
+        if pod.disruption:
+            return PodEnd(Outcome.DISRUPTED, pod.disruption[0], pod.disruption[1])
+        return PodEnd(Outcome.DISRUPTED, "PodDeleted", "the pod was deleted by someone other than kubetune")
+    if pod.exit_code is not None:
+        report = pod.report
+        detail = (report.message if report else "") or f"exit code {pod.exit_code}"
+        if pod.disruption:
+            return PodEnd(Outcome.DISRUPTED, pod.disruption[0], pod.disruption[1])
+        if pod.exit_code == 0:
+            return PodEnd(Outcome.SUCCEEDED, "Completed", detail)
+        if pod.exit_code == 2 or (report is not None and report.reason == "InvalidConfig"):
+            return PodEnd(Outcome.PERMANENT, "InvalidConfig", detail)
+        if pod.exit_code == 143 or (report is not None and report.reason == "Preempted"):
+            return PodEnd(Outcome.DISRUPTED, "SIGTERM", "the trainer was stopped by SIGTERM and checkpointed")
+        if pod.deleting_since is not None:
+            return PodEnd(Outcome.DISRUPTED, "PodDeleted", f"deleted while running ({detail})")
+        if pod.terminated_reason == "OOMKilled":
+            return PodEnd(
+                Outcome.FAILED, "OOMKilled", "the trainer ran out of memory: raise resources.memory"
+            )
+        return PodEnd(Outcome.FAILED, "Error", detail)
+    if pod.phase == "Failed":
+        # The pod failed without its container ending: node pressure, node shutdown, admission.
+        reason = pod.status_reason or "NodeFailure"
+        if pod.disruption:
+            reason = pod.disruption[0]
+        return PodEnd(Outcome.DISRUPTED, reason, f"the node stopped the pod ({reason})")
+    if pod.phase == "Succeeded":
+        return PodEnd(Outcome.SUCCEEDED, "Completed")
+    if pod.disruption:
+        return PodEnd(Outcome.TERMINATING, pod.disruption[0], pod.disruption[1])
+    if pod.deleting_since is not None:
+        return PodEnd(Outcome.TERMINATING, "PodDeleted", "being deleted")
+    waited = (now - pod.created).total_seconds() if pod.created else 0.0
+    if pod.waiting_reason in IMAGE_PULL_REASONS and waited > start_timeout:
+        return PodEnd(Outcome.FAILED, "ImagePull", f"image could not be pulled ({pod.waiting_reason})")
+    if pod.waiting_reason in CONFIG_WAIT_REASONS and waited > start_timeout:
+        return PodEnd(
+            Outcome.FAILED, "ContainerConfig", f"container could not be created ({pod.waiting_reason})"
+        )
+    if pod.phase == "Running":
+        return PodEnd(Outcome.RUNNING, "Running")
+    return PodEnd(Outcome.PENDING, pod.waiting_reason or "Pending")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the trainer's metrics endpoint said last (scraped by the controller)."""
+
+    step: int
+    total_steps: int | None = None
+    epoch: int | None = None
+    samples_per_second: float | None = None
+    checkpoint_step: int | None = None
+    loss: float | None = None
+    accuracy: float | None = None
+    steps_per_second: float | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Operator-wide timing knobs (CLI flags)."""
+
+    backoff_base_seconds: float = 10.0
+    backoff_max_seconds: float = 300.0
+    start_timeout_seconds: float = 300.0
+    stuck_terminating_seconds: float = 120.0
+    wandb_url_base: str | None = None
+
+
+@dataclass(frozen=True)
+class Observed:
+    job: FineTuneJob
+    status: Mapping[str, Any]
+    pods: Sequence[PodView]
+    now: datetime
+    progress: Progress | None = None
+    missing: tuple[str, ...] = ()  # dependencies that do not exist yet (dataset claim, secret)
+    unready_nodes: frozenset[str] = frozenset()  # nodes NotReady or gone (for stuck pods)
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    status: dict[str, Any]
+    create: tuple[dict[str, Any], ...] = ()  # children to create if absent (PVC, ConfigMap, Service, Pods)
+    delete_pods: tuple[str, ...] = ()  # graceful deletes
+    force_delete_pods: tuple[str, ...] = ()  # grace 0: pods stuck on a lost node
+    delete_job: bool = False
+    events: tuple[Event, ...] = ()
+    requeue_after: float | None = None
+    preempted: str | None = None  # metric: disruption reason counted by this plan
+    failed: str | None = None  # metric: failure cause counted by this plan
+    lost_steps: int = 0
+    started_attempt: int | None = None
+
+
+@dataclass
+class _Draft:
+    status: dict[str, Any]
+    create: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+    force: list[str] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    requeue: list[float] = field(default_factory=list)
+    preempted: str | None = None
+    failed: str | None = None
+    lost: int = 0
+    started: int | None = None
+    delete_job: bool = False
+
+    def finish(self) -> Plan:
+        return Plan(
+            status=self.status,
+            create=tuple(self.create),
+            delete_pods=tuple(dict.fromkeys(self.delete)),
+            force_delete_pods=tuple(dict.fromkeys(self.force)),
+            delete_job=self.delete_job,
+            events=tuple(self.events),
+            requeue_after=min(self.requeue) if self.requeue else None,
+            preempted=self.preempted,
+            failed=self.failed,
+            lost_steps=self.lost,
+            started_attempt=self.started,
+        )
+
+
+def backoff_seconds(failures: int, settings: Settings) -> float:
+    """Exponential backoff after the n-th failure: base, 2*base, 4*base ... capped."""
+    return float(min(settings.backoff_max_seconds, settings.backoff_base_seconds * 2 ** max(0, failures - 1)))
+
+
+def plan(obs: Observed, settings: Settings) -> Plan:
+    """Decide the next status and actions for one FineTuneJob."""
+    job, now = obs.job, obs.now
+    d = _Draft(status=copy.deepcopy(dict(obs.status)))
+    st = d.status
+    gen = job.ref.generation
+    st["observedGeneration"] = gen
+    st.setdefault("startTime", fmt_time(now))
+    for key in ("preemptions", "failures", "lostSteps"):
+        st.setdefault(key, 0)
+    st.setdefault("preemptionsByReason", {})
+    if not st.get("wandb"):
+        st["wandb"] = {"runId": builders.run_id(job.ref.uid)}
+        if settings.wandb_url_base:
+            st["wandb"]["url"] = f"{settings.wandb_url_base.rstrip('/')}/{st['wandb']['runId']}"
+
+    ends = {p.name: classify(p, now, settings.start_timeout_seconds) for p in obs.pods}
+    _force_stuck(obs, settings, d)
+
+    if st.get("phase") in FINISHED:
+        _tear_down_live(obs, ends, d, attempt_below=None)
+        _ttl(obs, d)
+        return d.finish()
+
+    if "attempt" not in st:
+        st["attempt"] = 1
+        st["nextAttemptTime"] = fmt_time(now)
+
+    if _deadline_passed(obs, d):
+        return d.finish()
+
+    attempt = int(st["attempt"])
+    _tear_down_live(obs, ends, d, attempt_below=attempt)
+
+    if job.spec.run_policy.suspend:
+        _suspend(obs, ends, d)
+        return d.finish()
+    if st.get("phase") == "Suspended":
+        _mark(d, obs, "Pending", "Resumed", f"resuming: attempt {attempt} will continue from the checkpoint")
+
+    if st.get("nextAttemptTime"):
+        _start_attempt(obs, ends, d, settings)
+        return d.finish()
+
+    current = _current_pods(obs, attempt)
+    _judge_attempt(obs, current, ends, d, settings)
+    return d.finish()
+
+
+def _mark(d: _Draft, obs: Observed, phase: str, reason: str, message: str) -> None:
+    set_phase(d.status, phase, reason, message, obs.now, obs.job.ref.generation)
+
+
+def _force_stuck(obs: Observed, settings: Settings, d: _Draft) -> None:
+    """Pods stuck Terminating on a node that is NotReady or gone: force-delete so the job can move on."""
+    limit = timedelta(seconds=settings.stuck_terminating_seconds)
+    for pod in obs.pods:
+        if pod.gone or pod.deleting_since is None or pod.node_name not in obs.unready_nodes:
+            continue
+        if obs.now - pod.deleting_since >= limit:
+            d.force.append(pod.name)
+            d.events.append(
+                Event(
+                    "Warning",
+                    "ForceDeleted",
+                    f"pod {pod.name} was stuck Terminating on unreachable node {pod.node_name}; force-deleted",
+                )
+            )
+        else:
+            d.requeue.append((pod.deleting_since + limit - obs.now).total_seconds())
+
+
+def _tear_down_live(obs: Observed, ends: Mapping[str, PodEnd], d: _Draft, attempt_below: int | None) -> None:
+    """Delete pods that should not run: older attempts' pods, or every pod once the job finished."""
+    for pod in obs.pods:
+        if attempt_below is not None and pod.attempt >= attempt_below:
+            continue
+        if pod.gone or pod.deleting_since is not None or ends[pod.name].outcome in ENDED:
+            continue
+        d.delete.append(pod.name)
+
+
+def _live(obs: Observed, ends: Mapping[str, PodEnd], attempt_below: int) -> list[PodView]:
+    return [
+        p for p in obs.pods if p.attempt < attempt_below and not p.gone and ends[p.name].outcome not in ENDED
+    ]
+
+
+def _ttl(obs: Observed, d: _Draft) -> None:
+    ttl = obs.job.spec.run_policy.ttl_seconds_after_finished
+    done = parse_time(d.status.get("completionTime"))
+    if ttl is None or done is None:
+        return
+    left = (done + timedelta(seconds=ttl) - obs.now).total_seconds()
+    if left <= 0:
+        d.delete_job = True
+    else:
+        d.requeue.append(left)
+
+
+def _deadline_passed(obs: Observed, d: _Draft) -> bool:
+    limit = obs.job.spec.run_policy.active_deadline_seconds
+    started = parse_time(d.status.get("startTime"))
+    if limit is None or started is None:
+        return False
+    left = (started + timedelta(seconds=limit) - obs.now).total_seconds()
+    if left > 0:
+        d.requeue.append(left)
+        return False
+    _fail(obs, d, "DeadlineExceeded", f"the job ran longer than runPolicy.activeDeadlineSeconds ({limit}s)")
+    return True
+
+
+def _fail(obs: Observed, d: _Draft, reason: str, message: str) -> None:
+    _mark(d, obs, "Failed", reason, message)
+    d.status["completionTime"] = fmt_time(obs.now)
+    d.status.pop("nextAttemptTime", None)
+    d.events.append(Event("Warning", reason, message))
+    ends = {p.name: classify(p, obs.now) for p in obs.pods}
+    _tear_down_live(obs, ends, d, attempt_below=None)
+    _ttl(obs, d)
+
+
+def _suspend(obs: Observed, ends: Mapping[str, PodEnd], d: _Draft) -> None:
+    st = d.status
+    attempt = int(st["attempt"])
+    if not st.get("nextAttemptTime"):
+        # The running attempt is stopped on purpose: its pods checkpoint on SIGTERM; not a preemption.
+        st["attempt"] = attempt + 1
+        st["nextAttemptTime"] = fmt_time(obs.now)
+        for pod in _current_pods(obs, attempt):
+            if not pod.gone and pod.deleting_since is None and ends[pod.name].outcome not in ENDED:
+                d.delete.append(pod.name)
+    if st.get("phase") != "Suspended":
+        _mark(d, obs, "Suspended", "Suspended", "runPolicy.suspend is true: pods stopped after checkpointing")
+        d.events.append(
+            Event("Normal", "Suspended", "job suspended; it resumes from its checkpoint when unsuspended")
+        )
+
+
+def _missing_message(missing: Sequence[str]) -> str:
+    return "waiting for " + "; ".join(missing)
+
+
+def _start_attempt(
+    obs: Observed, ends: Mapping[str, PodEnd], d: _Draft, settings: Settings, announce: bool = True
+) -> None:
+    """Create the pods of the due attempt once the previous one is gone and its backoff has passed.
+
+    `announce=False` keeps the phase and condition the caller just set (e.g. the disruption's reason)."""
+    st, now = d.status, obs.now
+    attempt = int(st["attempt"])
+    due = parse_time(st.get("nextAttemptTime")) or now
+    expected = {builders.pod_name(obs.job.ref.name, attempt, r) for r in range(obs.job.spec.workers)}
+    existing = {p.name for p in obs.pods if p.attempt == attempt and not p.gone}
+    if expected <= existing:
+        # Created in an earlier reconcile: the attempt is now live.
+        st.pop("nextAttemptTime", None)
+        _judge_attempt(obs, _current_pods(obs, attempt), ends, d, settings)
+        return
+    phase = "Pending" if attempt == 1 else "Restarting"
+    if obs.missing:
+        _mark(d, obs, phase, "WaitingForDependencies", _missing_message(obs.missing))
+        d.requeue.append(10.0)
+        return
+    live = _live(obs, ends, attempt)
+    if live:
+        if announce:
+            msg = f"waiting for {len(live)} pod(s) of the previous attempt to stop"
+            _mark(d, obs, phase, "WaitingForPreviousAttempt", msg)
+        return
+    if due > now:
+        d.requeue.append((due - now).total_seconds())
+        if st.get("phase") != phase:
+            _mark(d, obs, phase, "BackoffWaiting", f"attempt {attempt} starts at {fmt_time(due)}")
+        return
+    job = obs.job
+    for child in (
+        builders.checkpoint_pvc(job),
+        builders.trainer_configmap(job),
+        builders.headless_service(job),
+    ):
+        if child is not None:
+            d.create.append(child)
+    d.create.extend(builders.attempt_pods(job, attempt))
+    d.started = attempt
+    ckpt = (st.get("checkpoint") or {}).get("step")
+    resume = f"resuming from checkpoint step {ckpt}" if ckpt is not None else "starting from scratch"
+    if announce:
+        phase = "Pending" if st.get("phase") in (None, "Pending") else "Restarting"
+        _mark(d, obs, phase, "PodsCreated", f"attempt {attempt}: {job.spec.workers} pod(s) created, {resume}")
+    d.events.append(
+        Event("Normal", "AttemptStarted", f"attempt {attempt}: created {job.spec.workers} pod(s), {resume}")
+    )
+
+
+def _current_pods(obs: Observed, attempt: int) -> list[PodView]:
+    """Views of every rank of `attempt`; a rank with no pod at all is reported as gone."""
+    by_rank = {p.rank: p for p in obs.pods if p.attempt == attempt}
+    return [
+        by_rank.get(r)
+        or PodView(name=builders.pod_name(obs.job.ref.name, attempt, r), attempt=attempt, rank=r, gone=True)
+        for r in range(obs.job.spec.workers)
+    ]
+
+
+def _gang(current: Sequence[PodView], ends: Mapping[str, PodEnd], now: datetime) -> tuple[PodView, PodEnd]:
+    """The attempt's outcome from its pods: one disrupted or failed pod ends the whole gang."""
+    judged = [(p, ends.get(p.name) or classify(p, now)) for p in current]
+    for wanted in (Outcome.DISRUPTED, Outcome.PERMANENT, Outcome.FAILED, Outcome.TERMINATING):
+        hits = [(p, e) for p, e in judged if e.outcome == wanted]
+        if hits:
+            return min(
+                hits, key=lambda pe: _REASON_RANK.index(pe[1].reason) if pe[1].reason in _REASON_RANK else 99
+            )
+    if all(e.outcome == Outcome.SUCCEEDED for _, e in judged):
+        return judged[0]
+    for wanted in (Outcome.PENDING, Outcome.RUNNING):
+        for p, e in judged:
+            if e.outcome == wanted:
+                return p, e
+    return judged[0]
+
+
+def _absorb_report(st: dict[str, Any], report: TrainerReport | None, now: datetime) -> None:
+    if report is None:
+        return
+    prog = st.setdefault("progress", {})
+    if report.step is not None:
+        prog["step"] = report.step
+    if report.total_steps:
+        prog["totalSteps"] = report.total_steps
+        prog["percent"] = int(100 * (prog.get("step") or 0) // report.total_steps)
+    if report.epoch is not None:
+        prog["epoch"] = report.epoch
+    if report.checkpoint_step is not None and report.checkpoint_step != (st.get("checkpoint") or {}).get(
+        "step"
+    ):
+        st["checkpoint"] = {
+            "step": report.checkpoint_step,
+            "path": report.checkpoint or "",
+            "time": fmt_time(now),
+        }
+
+
+def _absorb_progress(st: dict[str, Any], progress: Progress | None, now: datetime) -> None:
+    if progress is None:
+        return
+    prog = st.setdefault("progress", {})
+    prog["step"] = progress.step
+    if progress.total_steps:
+        prog["totalSteps"] = progress.total_steps
+        prog["percent"] = int(100 * progress.step // progress.total_steps)
+        if progress.steps_per_second:
+            prog["eta"] = format_eta((progress.total_steps - progress.step) / progress.steps_per_second)
+    if progress.epoch is not None:
+        prog["epoch"] = progress.epoch
+    if progress.samples_per_second is not None:
+        prog["samplesPerSecond"] = round(progress.samples_per_second, 2)
+    if progress.checkpoint_step is not None and progress.checkpoint_step != (st.get("checkpoint") or {}).get(
+        "step"
+    ):
+        st["checkpoint"] = {"step": progress.checkpoint_step, "path": "", "time": fmt_time(now)}
+    metrics = st.setdefault("metrics", {})
+    if progress.loss is not None:
+        metrics["loss"] = round(progress.loss, 5)
+    if progress.accuracy is not None:
+        metrics["accuracy"] = round(progress.accuracy, 5)
+    if not metrics:
+        del st["metrics"]
+
+
+def _judge_attempt(
+    obs: Observed, current: Sequence[PodView], ends: Mapping[str, PodEnd], d: _Draft, settings: Settings
+) -> None:
+    st, now, _job = d.status, obs.now, obs.job
+    attempt = int(st["attempt"])
+    pod, end = _gang(current, ends, now)
+    _absorb_progress(st, obs.progress, now)
+    _absorb_report(st, pod.report, now)
+    others = [p.name for p in current if p.name != pod.name and not p.gone and p.deleting_since is None]
+    others = [n for n in others if ends[n].outcome not in ENDED]
+
+    if end.outcome == Outcome.SUCCEEDED:
+        st["completionTime"] = fmt_time(now)
+        prog = st.setdefault("progress", {})
+        if prog.get("totalSteps"):
+            prog["step"] = prog["totalSteps"]
+        prog["percent"] = 100
+        prog.pop("eta", None)
+        if pod.report and pod.report.lost_steps is not None:
+            st["lostSteps"] = max(int(st.get("lostSteps") or 0), pod.report.lost_steps)
+        msg = f"training finished in {attempt} attempt(s), {st['preemptions']} preemption(s), {st['failures']} failure(s)"
+        _mark(d, obs, "Succeeded", "Completed", msg)
+        d.events.append(Event("Normal", "Completed", msg))
+        _ttl(obs, d)
+        return
+    if end.outcome == Outcome.PERMANENT:
+        d.failed = "InvalidConfig"
+        _fail(obs, d, "InvalidConfig", f"pod {pod.name}: {end.message} (retrying cannot help; fix the spec)")
+        return
+    if end.outcome == Outcome.DISRUPTED:
+        if _count_disruption(obs, pod, end, d, others):
+            # Recover in the same reconcile when nothing of the old attempt is left running.
+            _start_attempt(obs, ends, d, settings, announce=False)
+        return
+    if end.outcome == Outcome.FAILED:
+        _count_failure(obs, pod, end, d, others, settings)
+        return
+    if end.outcome == Outcome.TERMINATING:
+        if st.get("phase") != "Restarting":
+            _mark(
+                d,
+                obs,
+                "Restarting",
+                end.reason,
+                f"pod {pod.name}: {end.reason}; waiting for it to checkpoint and stop",
+            )
+        return
+    all_running = all(ends.get(p.name, classify(p, now)).outcome == Outcome.RUNNING for p in current)
+    if all_running:
+        if st.get("phase") != "Running":
+            _mark(d, obs, "Running", "Running", f"attempt {attempt}: {len(current)} pod(s) running")
+    elif st.get("phase") not in ("Pending", "Restarting"):
+        _mark(
+            d,
+            obs,
+            "Pending" if attempt == 1 else "Restarting",
+            end.reason,
+            f"attempt {attempt}: waiting for pods to start",
+        )
+    if pod.waiting_reason in IMAGE_PULL_REASONS + CONFIG_WAIT_REASONS and pod.created:
+        waited = (now - pod.created).total_seconds()
+        d.requeue.append(max(1.0, settings.start_timeout_seconds - waited + 1))
+
+
+def _next_attempt(d: _Draft, due: datetime) -> None:
+    d.status["attempt"] = int(d.status["attempt"]) + 1
+    d.status["nextAttemptTime"] = fmt_time(due)
+
+
+def _resume_step(st: Mapping[str, Any]) -> int | None:
+    return (st.get("checkpoint") or {}).get("step")
+
+
+def _count_disruption(obs: Observed, pod: PodView, end: PodEnd, d: _Draft, others: list[str]) -> bool:
+    """Count one disruption and schedule the next attempt now; False when the job fails instead."""
+    st, now = d.status, obs.now
+    st["preemptions"] = int(st.get("preemptions") or 0) + 1
+    by_reason = dict(st.get("preemptionsByReason") or {})
+    by_reason[end.reason] = int(by_reason.get(end.reason, 0)) + 1
+    st["preemptionsByReason"] = by_reason
+    st["lastDisruption"] = {
+        "reason": end.reason,
+        "time": fmt_time(now),
+        "pod": pod.name,
+        "message": end.message,
+    }
+    lost = _lost_steps(st, pod.report)
+    st["lostSteps"] = int(st.get("lostSteps") or 0) + lost
+    d.preempted, d.lost = end.reason, lost
+    limit = obs.job.spec.run_policy.max_preemptions
+    if limit is not None and st["preemptions"] > limit:
+        _fail(
+            obs,
+            d,
+            "TooManyPreemptions",
+            f"{st['preemptions']} preemptions exceed runPolicy.maxPreemptions ({limit})",
+        )
+        return False
+    d.delete.extend(others)
+    step = _resume_step(st)
+    _next_attempt(d, now)
+    resume = f"checkpoint step {step}" if step is not None else "the start (no checkpoint yet)"
+    msg = f"pod {pod.name}: {end.reason}; attempt {st['attempt']} resumes from {resume} (lost {lost} step(s))"
+    _mark(d, obs, "Restarting", end.reason, msg)
+    d.events.append(Event("Warning", "Preempted", msg))
+    return True
+
+
+def _count_failure(
+    obs: Observed, pod: PodView, end: PodEnd, d: _Draft, others: list[str], settings: Settings
+) -> None:
+    st, now = d.status, obs.now
+    st["failures"] = int(st.get("failures") or 0) + 1
+    d.failed = end.reason
+    limit = obs.job.spec.run_policy.backoff_limit
+    if st["failures"] > limit:
+        _fail(
+            obs,
+            d,
+            "BackoffLimitExceeded",
+            f"pod {pod.name}: {end.message}; {st['failures']} failure(s) exceed runPolicy.backoffLimit ({limit})",
+        )
+        return
+    d.delete.extend(others)
+    wait = backoff_seconds(st["failures"], settings)
+    _next_attempt(d, now + timedelta(seconds=wait))
+    step = _resume_step(st)
+    resume = f"checkpoint step {step}" if step is not None else "the start"
+    msg = (
+        f"pod {pod.name} failed: {end.reason} ({end.message}); failure {st['failures']}/{limit}; "
+        f"attempt {st['attempt']} in {wait:.0f}s resumes from {resume}"
+    )
+    _mark(d, obs, "Restarting", end.reason, msg)
+    d.events.append(Event("Warning", "Failed", msg))
+    d.requeue.append(wait)
+
+
+def _lost_steps(st: Mapping[str, Any], report: TrainerReport | None) -> int:
+    """Steps trained since the last checkpoint, which the next attempt must train again."""
+    if report is not None and report.step is not None and report.checkpoint_step is not None:
+        return max(0, report.step - report.checkpoint_step)
+    step = (st.get("progress") or {}).get("step")
+    ckpt = _resume_step(st)
+    if step is None:
+        return 0
+    return max(0, int(step) - int(ckpt or 0))

@@ -1,0 +1,99 @@
+"""FineTuneJob status: conditions, timestamps, and the diff that decides whether a write is needed."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+PHASES = ("Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
+# One condition per phase a user may want to wait on (`kubectl wait --for=condition=Succeeded`).
+CONDITION_TYPES = ("Running", "Restarting", "Suspended", "Succeeded", "Failed")
+FINISHED = ("Succeeded", "Failed")
+
+
+def fmt_time(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: Any) -> datetime | None:
+    if not value:
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    text = str(value).replace("Z", "+00:00")
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def set_phase(
+    status: dict[str, Any], phase: str, reason: str, message: str, now: datetime, generation: int
+) -> None:
+    """Set phase, message and the matching condition True (others False), keeping transition times stable."""
+    assert phase in PHASES, phase
+    status["phase"] = phase
+    status["message"] = message
+    old = {c.get("type"): c for c in status.get("conditions") or []}
+    conditions = []
+    for ctype in CONDITION_TYPES:
+        value = "True" if ctype == phase else "False"
+        prev = old.get(ctype)
+        if prev is None and value == "False":
+            continue
+        cond = {
+            "type": ctype,
+            "status": value,
+            "reason": reason if value == "True" else (prev or {}).get("reason", reason),
+            "message": message if value == "True" else (prev or {}).get("message", ""),
+            "lastTransitionTime": fmt_time(now),
+            "observedGeneration": generation,
+        }
+        if prev is not None and prev.get("status") == value:
+            cond["lastTransitionTime"] = prev.get("lastTransitionTime", cond["lastTransitionTime"])
+            if value == "False":
+                cond["reason"], cond["message"] = prev.get("reason", ""), prev.get("message", "")
+        conditions.append(cond)
+    status["conditions"] = conditions
+
+
+def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A JSON merge patch turning `old` into `new`, or None when nothing changed (no write needed)."""
+    if dict(old) == dict(new):
+        return None
+    patch: dict[str, Any] = {}
+    for key in set(old) | set(new):
+        if key not in new:
+            patch[key] = None
+        elif old.get(key) != new[key]:
+            patch[key] = _merge_diff(old.get(key), new[key])
+    return patch
+
+
+def _merge_diff(old: Any, new: Any) -> Any:
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out: dict[str, Any] = {}
+        for key in set(old) | set(new):
+            if key not in new:
+                out[key] = None
+            elif old.get(key) != new[key]:
+                out[key] = _merge_diff(old.get(key), new[key])
+        return out
+    return copy.deepcopy(new)
+
+
+def format_eta(seconds: float | None) -> str | None:
+    """12m3s style, as kubectl prints ages."""
+    if seconds is None or seconds < 0:
+        return None
+    s = round(seconds)
+    hours, rem = divmod(s, 3600)
+    minutes, secs = divmod(rem, 60)
+    if hours:
+        return f"{hours}h{minutes}m"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
