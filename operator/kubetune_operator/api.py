@@ -183,6 +183,11 @@ def _int(raw: Mapping[str, Any], key: str, path: str, default: int | None) -> in
     return value
 
 
+def _int_or(raw: Mapping[str, Any], key: str, path: str, default: int) -> int:
+    value = _int(raw, key, path, default)
+    return default if value is None else value
+
+
 def parse_spec(raw: Mapping[str, Any], default_image: str = "") -> JobSpec:
     """Turn `spec` into a JobSpec. Raises SpecError naming the field when a value has the wrong shape."""
     res = _section(raw, "resources")
@@ -199,9 +204,9 @@ def parse_spec(raw: Mapping[str, Any], default_image: str = "") -> JobSpec:
     spec = JobSpec(
         image=str(raw.get("image") or default_image),
         image_pull_policy=str(raw.get("imagePullPolicy") or "IfNotPresent"),
-        workers=_int(raw, "workers", "spec.workers", 1) or 1,
+        workers=_int_or(raw, "workers", "spec.workers", 1),
         resources=Resources(
-            gpus=_int(res, "gpus", "spec.resources.gpus", 1) or 0,
+            gpus=_int_or(res, "gpus", "spec.resources.gpus", 1),
             cpu=res.get("cpu"),
             memory=res.get("memory"),
             gpu_resource=str(res.get("gpuResource") or "nvidia.com/gpu"),
@@ -218,17 +223,16 @@ def parse_spec(raw: Mapping[str, Any], default_image: str = "") -> JobSpec:
         affinity=raw.get("affinity"),
         priority_class_name=raw.get("priorityClassName"),
         service_account_name=raw.get("serviceAccountName"),
-        termination_grace_period_seconds=_int(
+        termination_grace_period_seconds=_int_or(
             raw, "terminationGracePeriodSeconds", "spec.terminationGracePeriodSeconds", 60
-        )
-        or 60,
+        ),
         pod_template=PodTemplate(
             labels=dict(tmpl.get("labels") or {}), annotations=dict(tmpl.get("annotations") or {}), env=env
         ),
         wandb_secret=SecretRef(name=secret["name"], key=secret.get("key") or "api-key") if secret else None,
-        metrics_port=_int(metrics, "port", "spec.metrics.port", 9400) or 0,
+        metrics_port=_int_or(metrics, "port", "spec.metrics.port", 9400),
         run_policy=RunPolicy(
-            backoff_limit=_int(policy, "backoffLimit", "spec.runPolicy.backoffLimit", 3) or 0,
+            backoff_limit=_int_or(policy, "backoffLimit", "spec.runPolicy.backoffLimit", 3),
             max_preemptions=_int(policy, "maxPreemptions", "spec.runPolicy.maxPreemptions", None),
             active_deadline_seconds=_int(
                 policy, "activeDeadlineSeconds", "spec.runPolicy.activeDeadlineSeconds", None

@@ -27,7 +27,7 @@ def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
     """kopf and the controller use the same credentials (kubeconfig or in-cluster service account)."""
     cfg = load_configuration(memo.options.kubeconfig)
     header = str(cfg.get_api_key_with_prefix("authorization") or "")
-    scheme, _, value = header.partition(" ")
+    scheme, _sep, value = header.partition(" ")
     return kopf.ConnectionInfo(
         server=cfg.host,
         ca_path=cfg.ssl_ca_cert,

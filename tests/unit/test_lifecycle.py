@@ -1,0 +1,342 @@
+"""The lifecycle as data: how pods ended (table) and what the job does next (scenarios)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from kubetune_operator import lifecycle as lc
+from kubetune_operator.api import parse_job
+from kubetune_operator.status import status_patch
+
+pytestmark = pytest.mark.unit
+
+T0 = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
+SETTINGS = lc.Settings(backoff_base_seconds=10, backoff_max_seconds=300, start_timeout_seconds=300)
+
+
+def report(reason: str, step: int = 0, ckpt: int = 0, message: str = "") -> lc.TrainerReport:
+    return lc.TrainerReport(reason=reason, step=step, checkpoint_step=ckpt, message=message, total_steps=100)
+
+
+def pod(attempt: int = 1, rank: int = 0, **kw) -> lc.PodView:
+    kw.setdefault("phase", "Running")
+    kw.setdefault("created", T0)
+    return lc.PodView(name=f"demo-a{attempt}-{rank}", attempt=attempt, rank=rank, **kw)
+
+
+PREEMPTED = ("PreemptionByScheduler", "preempted by ml/high")
+OLD = T0 - timedelta(seconds=301)
+
+
+@pytest.mark.parametrize(
+    ("view", "outcome", "reason"),
+    [
+        (pod(gone=True), lc.Outcome.DISRUPTED, "PodDeleted"),
+        (pod(gone=True, disruption=PREEMPTED), lc.Outcome.DISRUPTED, "PreemptionByScheduler"),
+        (
+            pod(gone=True, disruption=("DeletionByPodGC", "node gone")),
+            lc.Outcome.DISRUPTED,
+            "DeletionByPodGC",
+        ),
+        (pod(phase="Succeeded", exit_code=0), lc.Outcome.SUCCEEDED, "Completed"),
+        (pod(phase="Failed", exit_code=2), lc.Outcome.PERMANENT, "InvalidConfig"),
+        (
+            pod(phase="Failed", exit_code=1, report=report("InvalidConfig")),
+            lc.Outcome.PERMANENT,
+            "InvalidConfig",
+        ),
+        (pod(phase="Failed", exit_code=143, report=report("Preempted")), lc.Outcome.DISRUPTED, "SIGTERM"),
+        (pod(phase="Failed", exit_code=137, terminated_reason="OOMKilled"), lc.Outcome.FAILED, "OOMKilled"),
+        (pod(phase="Failed", exit_code=1, report=report("Error")), lc.Outcome.FAILED, "Error"),
+        (pod(phase="Failed", exit_code=137, deleting_since=T0), lc.Outcome.DISRUPTED, "PodDeleted"),
+        (
+            pod(phase="Failed", exit_code=137, disruption=PREEMPTED),
+            lc.Outcome.DISRUPTED,
+            "PreemptionByScheduler",
+        ),
+        (
+            pod(phase="Failed", exit_code=143, disruption=("EvictionByEvictionAPI", "")),
+            lc.Outcome.DISRUPTED,
+            "EvictionByEvictionAPI",
+        ),
+        (pod(phase="Failed", status_reason="Evicted"), lc.Outcome.DISRUPTED, "Evicted"),
+        (pod(phase="Failed", status_reason="Terminated"), lc.Outcome.DISRUPTED, "Terminated"),
+        (pod(disruption=PREEMPTED), lc.Outcome.TERMINATING, "PreemptionByScheduler"),
+        (pod(deleting_since=T0), lc.Outcome.TERMINATING, "PodDeleted"),
+        (pod(phase="Pending", waiting_reason="ImagePullBackOff"), lc.Outcome.PENDING, "ImagePullBackOff"),
+        (
+            pod(phase="Pending", waiting_reason="ImagePullBackOff", created=OLD),
+            lc.Outcome.FAILED,
+            "ImagePull",
+        ),
+        (
+            pod(phase="Pending", waiting_reason="CreateContainerConfigError", created=OLD),
+            lc.Outcome.FAILED,
+            "ContainerConfig",
+        ),
+        (pod(phase="Running"), lc.Outcome.RUNNING, "Running"),
+        (pod(phase="Pending"), lc.Outcome.PENDING, "Pending"),
+    ],
+)
+def test_classify(view, outcome, reason):
+    end = lc.classify(view, T0, start_timeout=300)
+    assert (end.outcome, end.reason) == (outcome, reason)
+
+
+def test_parse_report_takes_last_json_line():
+    text = 'some log\n{"reason": "Preempted", "step": 40, "checkpointStep": 40, "totalSteps": 100, "checkpoint": "/c/s40"}\n'
+    r = lc.parse_report(text)
+    assert r is not None and (r.reason, r.step, r.checkpoint_step, r.checkpoint) == (
+        "Preempted",
+        40,
+        40,
+        "/c/s40",
+    )
+    assert lc.parse_report("Traceback: boom") is None
+    assert lc.parse_report(None) is None
+
+
+def make_job(workers: int = 1, **policy):
+    body = {
+        "metadata": {"name": "demo", "namespace": "ml", "uid": "u-1", "generation": 1},
+        "spec": {
+            "image": "img",
+            "workers": workers,
+            "model": {"name": "resnet50"},
+            "training": {"maxSteps": 100},
+            "runPolicy": policy,
+        },
+    }
+    return parse_job(body)
+
+
+def run(job, status, pods, now=T0, **kw):
+    return lc.plan(lc.Observed(job=job, status=status, pods=pods, now=now, **kw), SETTINGS)
+
+
+def pods_created(plan):
+    return [o["metadata"]["name"] for o in plan.create if o["kind"] == "Pod"]
+
+
+def started(job):
+    """Status after attempt 1's pods were created and seen running."""
+    p1 = run(job, {}, [])
+    p2 = run(job, p1.status, [pod()])
+    return p2.status
+
+
+def test_new_job_creates_children_then_runs():
+    job = make_job()
+    p = run(job, {}, [])
+    assert [o["kind"] for o in p.create] == ["PersistentVolumeClaim", "ConfigMap", "Pod"]
+    assert pods_created(p) == ["demo-a1-0"]
+    assert p.status["phase"] == "Pending" and p.status["attempt"] == 1 and p.status["nextAttemptTime"]
+    assert p.status["wandb"]["runId"].startswith("ftj-")
+    running = run(job, p.status, [pod()])
+    assert running.status["phase"] == "Running" and "nextAttemptTime" not in running.status
+    assert running.create == ()
+    cond = {c["type"]: c["status"] for c in running.status["conditions"]}
+    assert cond["Running"] == "True"
+
+
+def test_preemption_restarts_at_once_without_spending_the_failure_budget():
+    job = make_job(backoffLimit=0)
+    st = started(job)
+    st["checkpoint"] = {"step": 40, "path": "", "time": "x"}
+    gone = pod(gone=True, disruption=PREEMPTED, report=report("Preempted", step=40, ckpt=40))
+    p = run(job, st, [gone])
+    assert p.status["preemptions"] == 1 and p.status["failures"] == 0
+    assert p.status["preemptionsByReason"] == {"PreemptionByScheduler": 1}
+    assert p.status["attempt"] == 2 and p.status["lostSteps"] == 0
+    assert pods_created(p) == ["demo-a2-0"]
+    assert p.status["phase"] == "Restarting"
+    assert p.status["lastDisruption"]["pod"] == "demo-a1-0"
+    ev = [e for e in p.events if e.reason == "Preempted"][0]
+    assert "demo-a1-0" in ev.message and "PreemptionByScheduler" in ev.message and "step 40" in ev.message
+    assert p.preempted == "PreemptionByScheduler"
+    # Replaying the same observation on the written status never counts twice.
+    again = run(job, p.status, [gone, pod(attempt=2, phase="Pending")])
+    assert again.status["preemptions"] == 1 and again.status["attempt"] == 2
+    assert again.preempted is None and pods_created(again) == []
+    settled = run(job, again.status, [gone, pod(attempt=2)])
+    assert settled.status["phase"] == "Running"
+    assert status_patch(settled.status, run(job, settled.status, [gone, pod(attempt=2)]).status) is None
+
+
+def test_sigkill_loses_steps_since_checkpoint():
+    job = make_job()
+    st = started(job)
+    st["progress"] = {"step": 57}
+    st["checkpoint"] = {"step": 50}
+    p = run(job, st, [pod(gone=True, disruption=("DeletionByTaintManager", ""))])
+    assert p.status["lostSteps"] == 7 and p.lost_steps == 7
+
+
+def test_failure_backs_off_then_retries():
+    job = make_job(backoffLimit=2)
+    st = started(job)
+    failed = pod(phase="Failed", exit_code=137, terminated_reason="OOMKilled")
+    p = run(job, st, [failed])
+    assert p.status["failures"] == 1 and p.status["preemptions"] == 0
+    assert p.status["attempt"] == 2 and pods_created(p) == []
+    assert p.requeue_after == pytest.approx(10)
+    assert p.failed == "OOMKilled" and p.status["phase"] == "Restarting"
+    early = run(job, p.status, [failed], now=T0 + timedelta(seconds=5))
+    assert pods_created(early) == [] and early.requeue_after == pytest.approx(5)
+    later = run(job, p.status, [failed], now=T0 + timedelta(seconds=11))
+    assert pods_created(later) == ["demo-a2-0"]
+    # Second failure doubles the wait.
+    st2 = run(job, later.status, [failed, pod(attempt=2)], now=T0 + timedelta(seconds=12)).status
+    p2 = run(job, st2, [failed, pod(attempt=2, phase="Failed", exit_code=1)], now=T0 + timedelta(seconds=20))
+    assert p2.status["failures"] == 2 and p2.requeue_after == pytest.approx(20)
+
+
+def test_backoff_limit_fails_the_job():
+    job = make_job(backoffLimit=0)
+    p = run(job, started(job), [pod(phase="Failed", exit_code=1)])
+    assert p.status["phase"] == "Failed" and p.status["failures"] == 1
+    failed = next(c for c in p.status["conditions"] if c["type"] == "Failed")
+    assert (failed["status"], failed["reason"]) == ("True", "BackoffLimitExceeded")
+    assert p.status["completionTime"]
+
+
+def test_invalid_config_fails_at_once():
+    job = make_job(backoffLimit=5)
+    p = run(
+        job,
+        started(job),
+        [
+            pod(
+                phase="Failed",
+                exit_code=2,
+                report=report("InvalidConfig", message="training.batchSize: must be > 0"),
+            )
+        ],
+    )
+    assert p.status["phase"] == "Failed" and p.status["failures"] == 0
+    assert "training.batchSize" in p.status["message"]
+    assert pods_created(p) == []
+
+
+def test_success():
+    job = make_job()
+    p = run(
+        job,
+        started(job),
+        [pod(phase="Succeeded", exit_code=0, report=report("Completed", step=100, ckpt=100))],
+    )
+    assert p.status["phase"] == "Succeeded" and p.status["progress"]["percent"] == 100
+    assert p.status["checkpoint"]["step"] == 100 and p.status["completionTime"]
+
+
+def test_max_preemptions():
+    job = make_job(maxPreemptions=1)
+    st = started(job)
+    st["preemptions"] = 1
+    p = run(job, st, [pod(gone=True)])
+    assert p.status["phase"] == "Failed" and p.status["preemptions"] == 2
+    assert "maxPreemptions" in p.status["message"]
+
+
+def test_deadline_and_ttl():
+    job = make_job(activeDeadlineSeconds=60, ttlSecondsAfterFinished=30)
+    st = started(job)
+    alive = run(job, st, [pod()], now=T0 + timedelta(seconds=30))
+    assert alive.status["phase"] == "Running" and alive.requeue_after == pytest.approx(30)
+    late = run(job, st, [pod()], now=T0 + timedelta(seconds=61))
+    assert late.status["phase"] == "Failed" and "DeadlineExceeded" in {
+        c["reason"] for c in late.status["conditions"]
+    }
+    assert late.delete_pods == ("demo-a1-0",)
+    before = run(job, late.status, [pod(deleting_since=T0)], now=T0 + timedelta(seconds=80))
+    assert not before.delete_job
+    after = run(job, late.status, [], now=T0 + timedelta(seconds=92))
+    assert after.delete_job
+
+
+def test_suspend_and_resume_do_not_count():
+    job = make_job()
+    st = started(job)
+    sus = replace(job, spec=replace(job.spec, run_policy=replace(job.spec.run_policy, suspend=True)))
+    p = run(sus, st, [pod()])
+    assert p.status["phase"] == "Suspended" and p.delete_pods == ("demo-a1-0",)
+    assert p.status["preemptions"] == 0 and p.status["attempt"] == 2
+    still = run(sus, p.status, [pod(phase="Failed", exit_code=143, deleting_since=T0)])
+    assert still.status["preemptions"] == 0 and pods_created(still) == []
+    resumed = run(job, still.status, [])
+    assert pods_created(resumed) == ["demo-a2-0"] and resumed.status["preemptions"] == 0
+
+
+def test_gang_restarts_together_and_waits_for_the_survivors():
+    job = make_job(workers=2)
+    p1 = run(job, {}, [])
+    assert pods_created(p1) == ["demo-a1-0", "demo-a1-1"]
+    st = run(job, p1.status, [pod(rank=0), pod(rank=1)]).status
+    p = run(job, st, [pod(rank=0), pod(rank=1, gone=True, disruption=PREEMPTED)])
+    assert p.status["preemptions"] == 1 and p.status["attempt"] == 2
+    assert p.delete_pods == ("demo-a1-0",) and pods_created(p) == []
+    waiting = run(
+        job, p.status, [pod(rank=0, deleting_since=T0), pod(rank=1, gone=True, disruption=PREEMPTED)]
+    )
+    assert pods_created(waiting) == [] and waiting.status["preemptions"] == 1
+    done = run(job, p.status, [pod(rank=0, phase="Failed", exit_code=143), pod(rank=1, gone=True)])
+    assert pods_created(done) == ["demo-a2-0", "demo-a2-1"] and done.status["preemptions"] == 1
+
+
+def test_gang_failure_is_not_mistaken_for_a_disruption():
+    job = make_job(workers=2)
+    st = run(job, run(job, {}, []).status, [pod(rank=0), pod(rank=1)]).status
+    p = run(job, st, [pod(rank=0), pod(rank=1, phase="Failed", exit_code=1)])
+    assert p.status["failures"] == 1 and p.status["preemptions"] == 0 and p.delete_pods == ("demo-a1-0",)
+    # The survivor we deleted ends later; it belongs to the finished attempt and is not counted.
+    after = run(job, p.status, [pod(rank=0, gone=True), pod(rank=1, phase="Failed", exit_code=1)])
+    assert after.status["preemptions"] == 0 and after.status["failures"] == 1
+
+
+def test_waits_for_missing_dependencies():
+    job = make_job()
+    p = run(job, {}, [], missing=("PersistentVolumeClaim 'digits' (spec.data.claimName) in namespace ml",))
+    assert pods_created(p) == [] and p.status["phase"] == "Pending"
+    assert "spec.data.claimName" in p.status["message"] and p.requeue_after == 10
+
+
+def test_stuck_terminating_pod_on_lost_node_is_force_deleted():
+    job = make_job()
+    st = started(job)
+    stuck = pod(deleting_since=T0, node_name="gpu-1", disruption=("DeletionByTaintManager", ""))
+    early = run(job, st, [stuck], now=T0 + timedelta(seconds=60), unready_nodes=frozenset({"gpu-1"}))
+    assert early.force_delete_pods == ()
+    late = run(job, st, [stuck], now=T0 + timedelta(seconds=121), unready_nodes=frozenset({"gpu-1"}))
+    assert late.force_delete_pods == ("demo-a1-0",)
+    healthy = run(job, st, [stuck], now=T0 + timedelta(seconds=121))
+    assert healthy.force_delete_pods == ()
+
+
+def test_progress_from_scrape():
+    job = make_job()
+    st = started(job)
+    prog = lc.Progress(
+        step=25,
+        total_steps=100,
+        epoch=1,
+        samples_per_second=300.0,
+        checkpoint_step=20,
+        loss=0.5,
+        steps_per_second=5.0,
+    )
+    p = run(job, st, [pod()], progress=prog)
+    assert p.status["progress"] == {
+        "step": 25,
+        "totalSteps": 100,
+        "percent": 25,
+        "eta": "15s",
+        "epoch": 1,
+        "samplesPerSecond": 300.0,
+    }
+    assert p.status["checkpoint"]["step"] == 20 and p.status["metrics"] == {"loss": 0.5}
+
+
+def test_backoff_grows_and_caps():
+    assert [lc.backoff_seconds(n, SETTINGS) for n in (1, 2, 3, 10)] == [10, 20, 40, 300]
