@@ -56,7 +56,12 @@ class Job:
         self.write(spec, name)
 
     def write(self, spec: dict[str, Any], name: str = "job") -> None:
-        doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}
+        doc = {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": name},
+            "spec": spec,
+        }
         self.manifest.write_text(yaml.safe_dump(doc))
 
     def argv(self, *extra: str) -> list[str]:
@@ -68,7 +73,9 @@ class Job:
     def start(self, *extra: str, **env: str) -> subprocess.Popen[str]:
         self.term_log.unlink(missing_ok=True)
         log = open(self.root / "trainer.log", "a")  # noqa: SIM115 - closed with the process
-        return subprocess.Popen(self.argv(*extra), env=self.env(**env), stdout=log, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            self.argv(*extra), env=self.env(**env), stdout=log, stderr=subprocess.STDOUT, text=True
+        )
 
     def run(self, *extra: str, timeout: float = 240, **env: str) -> int:
         proc = self.start(*extra, **env)
@@ -91,9 +98,13 @@ class Job:
     def final_bytes(self) -> bytes:
         return (self.ckpt / "final" / "model.safetensors").read_bytes()
 
-    def interrupt_at(self, proc: subprocess.Popen[str], step: int, sig: signal.Signals, timeout: float = 120) -> int:
+    def interrupt_at(
+        self, proc: subprocess.Popen[str], step: int, sig: signal.Signals, timeout: float = 120
+    ) -> int:
         """Send `sig` once the run reached `step` (or later); return its exit code."""
-        wait_for(lambda: self.progress().get("step", 0) >= step or proc.poll() is not None, timeout, f"step {step}")
+        wait_for(
+            lambda: self.progress().get("step", 0) >= step or proc.poll() is not None, timeout, f"step {step}"
+        )
         if proc.poll() is None:
             proc.send_signal(sig)
         return proc.wait(timeout=timeout)

@@ -9,15 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from kubetune_trainer.checkpoint import CheckpointError, Checkpointer
+from kubetune_trainer.checkpoint import Checkpointer, CheckpointError
 from kubetune_trainer.config import CheckpointConfig
 
 pytestmark = pytest.mark.unit
 
 
 def state(step: int) -> dict[str, object]:
-    return {"step": step, "epoch": 0, "w": torch.full((64, 64), float(step)), "opt": {"m": [torch.ones(3) * step]}}
+    return {
+        "step": step,
+        "epoch": 0,
+        "w": torch.full((64, 64), float(step)),
+        "opt": {"m": [torch.ones(3) * step]},
+    }
 
 
 def make(tmp_path: Path, keep: int = 2, every: int = 10, seconds: int = 0) -> Checkpointer:
@@ -93,7 +97,9 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.setattr(os, "fsync", full)
     ck.save_async(2, state(2))
-    with pytest.raises(CheckpointError, match=r"step 2: .*No space left on device.*step-00000001.pt is intact"):
+    with pytest.raises(
+        CheckpointError, match=r"step 2: .*No space left on device.*step-00000001.pt is intact"
+    ):
         ck.wait()
     monkeypatch.undo()
     found = ck.find_latest_valid()

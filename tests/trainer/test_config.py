@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from kubetune_trainer import config as c
 
 pytestmark = pytest.mark.unit
@@ -70,7 +69,9 @@ def test_bad_values_name_the_field(section: str, values: dict[str, object], mess
 
 
 def test_unknown_fields_suggest_the_right_name() -> None:
-    with pytest.raises(c.ConfigError, match=r"spec.training.learningrate: unknown field; did you mean learningRate\?"):
+    with pytest.raises(
+        c.ConfigError, match=r"spec.training.learningrate: unknown field; did you mean learningRate\?"
+    ):
         c.parse_spec(spec_with("training", learningrate=0.1))
     with pytest.raises(c.ConfigError, match=r"spec.trainng: unknown field; did you mean training\?"):
         c.parse_spec({**BASE, "trainng": {}})
@@ -101,7 +102,9 @@ def test_manifest_overrides_and_env(tmp_path: Path) -> None:
         "apiVersion: kubetune.io/v1alpha1\nkind: FineTuneJob\nmetadata: {name: demo}\n"
         "spec:\n  model: {name: test_vit}\n  data: {path: /nowhere}\n"
     )
-    cfg = c.load_job(path, ["training.epochs=3", "model.freeze=[blocks]"], env={"KUBETUNE_DATA_PATH": "/data"})
+    cfg = c.load_job(
+        path, ["training.epochs=3", "model.freeze=[blocks]"], env={"KUBETUNE_DATA_PATH": "/data"}
+    )
     assert cfg.name == "demo" and cfg.training.epochs == 3
     assert cfg.model.freeze == ("blocks",) and cfg.data.path == "/data"
     bare = tmp_path / "bare.yaml"

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kubetune_trainer.checkpoint import fsync_dir, write_json_atomic
 from safetensors.torch import save_file
+
+from kubetune_trainer.checkpoint import fsync_dir, write_json_atomic
 
 
 def export_final(
@@ -30,7 +31,9 @@ def export_final(
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     weights = out_dir / "model.safetensors"
     tmp = out_dir / ".model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt", "architecture": model_name})
+    save_file(
+        tensors, str(tmp), metadata={"format": "pt"}
+    )  # one key: safetensors orders metadata by hash, more would make bytes vary
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, weights)
