@@ -1,0 +1,106 @@
+"""Helpers for operator tests: the operator run as a real process against the cluster, and manifests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from kubeutil import REPO, wait_for
+
+CRD_DIR = REPO / "charts" / "kubetune" / "crds"
+TRAINER_IMAGE = "registry.invalid/kubetune/trainer:test"  # kwok never pulls images
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class OperatorProcess:
+    """One `kubetune-operator` replica watching one namespace; logs in `log_path`."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, log_path: Path, *extra: str) -> None:
+        self.kubeconfig, self.namespace, self.log_path = kubeconfig, namespace, log_path
+        self.extra = extra
+        self.metrics_port = free_port()
+        self.health_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OperatorProcess:
+        cmd = [
+            sys.executable, "-m", "kubetune_operator",
+            "--kubeconfig", str(self.kubeconfig),
+            "--namespace", self.namespace,
+            "--leader-namespace", self.namespace,
+            "--metrics-port", str(self.metrics_port),
+            "--health-port", str(self.health_port),
+            "--trainer-image", TRAINER_IMAGE,
+            "--backoff-base-seconds", "1",
+            "--scrape-interval", "1",
+            *self.extra,
+        ]  # fmt: skip
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(self._healthy, timeout=30, desc=f"operator healthz on :{self.health_port}\n{self.tail()}")
+        return self
+
+    def _healthy(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"operator exited with {self.proc.returncode}:\n{self.tail()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
+            return r.read().decode()
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def job_manifest(name: str, **spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "model": {"name": "test_resnet", "numClasses": 10},
+        "data": {"format": "synthetic"},
+        "training": {"maxSteps": 100},
+        "metrics": {"port": 0},  # kwok pod IPs are fake: nothing to scrape
+        "resources": {"gpus": 1},
+        "tolerations": [
+            {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"}
+        ],
+    }
+    base.update(spec)
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": base,
+    }
+
+
+def apply(kube: Any, namespace: str, manifest: dict[str, Any]) -> None:
+    kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
