@@ -232,7 +232,10 @@ class Controller:
         return views
 
     async def _missing(self, job: FineTuneJob) -> tuple[str, ...]:
-        """Dependencies the user must create before pods can start (a waiting condition, not a crash)."""
+        """Claims the user must create before pods can start (a waiting condition, not a crash).
+
+        A missing W&B Secret is reported from the pod's CreateContainerConfigError instead, so the
+        operator needs no permission to read Secrets."""
         missing = []
         ns = job.ref.namespace
         if (
@@ -248,15 +251,6 @@ class Controller:
                 missing.append(
                     f"PersistentVolumeClaim {claim!r} (spec.checkpoint.existingClaim) in namespace {ns}"
                 )
-        ref = job.spec.wandb_secret
-        if ref is not None:
-            secret = await self.kube.get("v1", "Secret", ns, ref.name)
-            if secret is None:
-                missing.append(f"Secret {ref.name!r} (spec.wandb.apiKeySecretRef) in namespace {ns}")
-            elif ref.key not in (secret.get("data") or {}) and ref.key not in (
-                secret.get("stringData") or {}
-            ):
-                missing.append(f"key {ref.key!r} in Secret {ref.name!r} (spec.wandb.apiKeySecretRef.key)")
         return tuple(missing)
 
     async def _unready_nodes(self, views: list[lifecycle.PodView]) -> frozenset[str]:

@@ -109,6 +109,7 @@ class PodView:
     terminated_reason: str | None = None  # e.g. OOMKilled, Error, Completed
     report: TrainerReport | None = None
     waiting_reason: str | None = None
+    waiting_message: str = ""
     created: datetime | None = None
     pod_ip: str | None = None
     node_name: str | None = None
@@ -124,6 +125,7 @@ def pod_view(pod: Mapping[str, Any], gone: bool = False) -> PodView:
         if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
             disruption = (str(cond.get("reason") or "Disrupted"), str(cond.get("message") or ""))
     exit_code = terminated_reason = waiting = None
+    waiting_message = ""
     message = None
     for cs in status.get("containerStatuses") or []:
         if cs.get("name") != "trainer":
@@ -136,6 +138,7 @@ def pod_view(pod: Mapping[str, Any], gone: bool = False) -> PodView:
             message = term.get("message")
         elif state.get("waiting"):
             waiting = state["waiting"].get("reason")
+            waiting_message = str(state["waiting"].get("message") or "")
     return PodView(
         name=meta.get("name", ""),
         attempt=_int_label(labels, builders.LABEL_ATTEMPT),
@@ -149,6 +152,7 @@ def pod_view(pod: Mapping[str, Any], gone: bool = False) -> PodView:
         terminated_reason=terminated_reason,
         report=parse_report(message),
         waiting_reason=waiting,
+        waiting_message=waiting_message,
         created=parse_time(meta.get("creationTimestamp")),
         pod_ip=status.get("podIP"),
         node_name=(pod.get("spec") or {}).get("nodeName"),
@@ -633,14 +637,13 @@ def _judge_attempt(
     if all_running:
         if st.get("phase") != "Running":
             _mark(d, obs, "Running", "Running", f"attempt {attempt}: {len(current)} pod(s) running")
-    elif st.get("phase") not in ("Pending", "Restarting"):
-        _mark(
-            d,
-            obs,
-            "Pending" if attempt == 1 else "Restarting",
-            end.reason,
-            f"attempt {attempt}: waiting for pods to start",
-        )
+    else:
+        phase = "Pending" if attempt == 1 else "Restarting"
+        msg = f"attempt {attempt}: waiting for pods to start"
+        if pod.waiting_reason in IMAGE_PULL_REASONS + CONFIG_WAIT_REASONS:
+            msg = f"pod {pod.name}: {pod.waiting_reason}: {pod.waiting_message}".rstrip(": ")
+        if st.get("phase") != phase or st.get("message") != msg:
+            _mark(d, obs, phase, end.reason, msg)
     if pod.waiting_reason in IMAGE_PULL_REASONS + CONFIG_WAIT_REASONS and pod.created:
         waited = (now - pod.created).total_seconds()
         d.requeue.append(max(1.0, settings.start_timeout_seconds - waited + 1))

@@ -340,3 +340,16 @@ def test_progress_from_scrape():
 
 def test_backoff_grows_and_caps():
     assert [lc.backoff_seconds(n, SETTINGS) for n in (1, 2, 3, 10)] == [10, 20, 40, 300]
+
+
+def test_missing_secret_shows_the_kubelets_reason_then_fails_after_the_start_timeout():
+    job = make_job()
+    st = run(job, {}, []).status
+    waiting = pod(
+        phase="Pending", waiting_reason="CreateContainerConfigError", waiting_message='secret "wb" not found'
+    )
+    p = run(job, st, [waiting])
+    assert p.status["phase"] == "Pending" and 'secret "wb" not found' in p.status["message"]
+    assert p.requeue_after == pytest.approx(301)
+    late = run(job, p.status, [replace(waiting, created=OLD)])
+    assert late.status["failures"] == 1 and late.failed == "ContainerConfig"
