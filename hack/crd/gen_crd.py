@@ -31,8 +31,7 @@ DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?
 # Extended resource name: <domain>/<name>, e.g. nvidia.com/gpu or amd.com/gpu.
 EXTENDED_RESOURCE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 C_IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
-# freeze: "none", "backbone" or comma-separated module-name prefixes ("stem,stages.0").
-FREEZE = r"^(none|backbone|[A-Za-z_][A-Za-z0-9_.]*(,[A-Za-z_][A-Za-z0-9_.]*)*)$"
+MODULE_PREFIX = r"^[A-Za-z_][A-Za-z0-9_.]*$"
 INT32_MAX = 2**31 - 1
 BIG = 10**9
 
@@ -124,7 +123,7 @@ def string_map(desc: str, value_desc: str, max_props: int, max_len: int) -> Sche
 
 def quantity(desc: str, default: str | None = None) -> Schema:
     rule = {
-        "rule": "isQuantity(self) && quantity(self).sign() > 0",
+        "rule": "isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))",
         "message": "must be a positive quantity such as 500m, 4, 16Gi",
     }
     return string(desc, 64, default=default, rules=[rule])
@@ -147,6 +146,36 @@ def immutable_optional(field: str, path: str, message: str = IMMUTABLE) -> Schem
 
 # --- spec ----------------------------------------------------------------------------------------------
 
+
+def union_freeze() -> Schema:
+    """model.freeze: "none" | "backbone" | [module prefixes], as the trainer reads it.
+
+    A structural schema has no union types and CEL cannot see an untyped node, so the node is untyped
+    (x-kubernetes-preserve-unknown-fields) and constrained by an anyOf of type-specific value validations:
+    either one of the two words, or a list of 1..64 prefix strings. In the list branch maxLength 0,
+    maxProperties 0 and an empty number range make strings, objects and numbers fail (JSON Schema
+    keywords only apply to their own type); minLength/minProperties outside rule out "" and {}, `not`
+    rules out booleans. Checked against kube-apiserver 1.34 (tests/cluster/test_crd_validation.py),
+    including that `self == oldSelf` on spec.model still sees a change of freeze.
+    """
+    return {
+        "description": 'Which parameters are not trained: "none", "backbone" (everything but the classifier '
+        'head), or a list of parameter-name prefixes, e.g. ["stem", "stages.0"].',
+        "x-kubernetes-preserve-unknown-fields": True,
+        "default": "none",
+        "minLength": 1,
+        "minProperties": 1,
+        "items": string("A parameter-name prefix, e.g. stages.0.", 256, pattern=MODULE_PREFIX),
+        "anyOf": [
+            {"enum": ["none", "backbone"]},
+            {"minItems": 1, "maxItems": 64, "maxLength": 0, "maxProperties": 0, "minimum": 1, "maximum": 0},
+        ],
+        "not": {"enum": [True, False]},
+    }
+
+
+FREEZE = union_freeze()
+
 MODEL = obj(
     "The timm model to fine-tune. Immutable: a checkpoint only loads into the model it was written for.",
     {
@@ -167,13 +196,7 @@ MODEL = obj(
             100000,
             fmt="int32",
         ),
-        "freeze": string(
-            'Which parameters are not trained: "none", "backbone" (everything but the classifier head), or a '
-            'comma-separated list of module-name prefixes, e.g. "stem,stages.0".',
-            2048,
-            default="none",
-            pattern=FREEZE,
-        ),
+        "freeze": FREEZE,
     },
     required=["name"],
     rules=[immutable("spec.model")],
@@ -578,7 +601,8 @@ def build_crd() -> dict[str, Any]:
         {
             "apiVersion": string("API version of this object: kubetune.io/v1alpha1.", 64, min_len=None),
             "kind": string("Kind of this object: FineTuneJob.", 64, min_len=None),
-            "metadata": {"type": "object", "description": "Standard object metadata."},
+            # The API server forbids anything but name/generateName restrictions here, description included.
+            "metadata": {"type": "object"},
             "spec": SPEC,
             "status": STATUS,
         },

@@ -153,10 +153,14 @@ def test_every_list_and_map_is_bounded(schema: dict[str, Any]) -> None:
 
 
 def test_spec_rejects_unknown_fields(schema: dict[str, Any]) -> None:
-    """Free-form objects are the exception (core Affinity), never the rule."""
+    """Free-form nodes are the exception, never the rule: the core Affinity (copied verbatim to the pods)
+    and model.freeze, a string-or-list union that anyOf constrains (a structural schema has no unions)."""
     spec = schema["properties"]["spec"]
     free = [p for p, node in walk(spec, "spec") if node.get("x-kubernetes-preserve-unknown-fields")]
-    assert free == ["spec.affinity"]
+    assert free == ["spec.model.freeze", "spec.affinity"]
+    freeze = spec["properties"]["model"]["properties"]["freeze"]
+    assert freeze["anyOf"][0] == {"enum": ["none", "backbone"]}
+    assert freeze["items"]["type"] == "string"
     objects_without_props = [
         p
         for p, node in walk(spec, "spec")
@@ -317,3 +321,10 @@ def test_examples_exist() -> None:
         "finetunejob-spot-gpu.yaml",
         "finetunejob-ddp.yaml",
     }
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_examples_parse_in_the_trainer(trainer_config: Any, example: Path) -> None:
+    """A manifest the API server accepts runs in the trainer unchanged."""
+    job = trainer_config.load_job(example, env={})
+    assert job.name == yaml.safe_load(example.read_text())["metadata"]["name"]
