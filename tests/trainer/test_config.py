@@ -78,7 +78,7 @@ def test_unknown_fields_suggest_the_right_name() -> None:
 
 
 def test_imagefolder_needs_a_path() -> None:
-    with pytest.raises(c.ConfigError, match="data.path: required"):
+    with pytest.raises(c.ConfigError, match=r"data\.path: required"):
         c.parse_spec({"model": {"name": "x"}})
 
 

@@ -32,7 +32,7 @@ def test_skipping_batches_reproduces_the_rest_exactly() -> None:
 
 def test_ranks_get_disjoint_equal_shards() -> None:
     shards = [ResumableBatchSampler(51, 5, seed=0, rank=r, world_size=2) for r in range(2)]
-    seen = [sum(list(s), []) for s in shards]
+    seen = [[i for batch in s for i in batch] for s in shards]
     assert len(seen[0]) == len(seen[1]) == 25
     assert not set(seen[0]) & set(seen[1])
 

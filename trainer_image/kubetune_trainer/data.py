@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from kubetune_trainer.config import ConfigError, DataConfig
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from kubetune_trainer.config import ConfigError, DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,8 @@ def build_transform(model_data_cfg: dict[str, Any], image_size: int) -> Any:
         input_size=(3, image_size, image_size),
         is_training=False,  # no random augmentation: exact resume needs sample = f(index)
         interpolation=model_data_cfg.get("interpolation", "bilinear"),
-        mean=model_data_cfg.get("mean"),
-        std=model_data_cfg.get("std"),
+        mean=model_data_cfg.get("mean", (0.485, 0.456, 0.406)),
+        std=model_data_cfg.get("std", (0.229, 0.224, 0.225)),
         crop_pct=model_data_cfg.get("crop_pct", 1.0),
         crop_mode=model_data_cfg.get("crop_mode", "center"),
     )
@@ -143,7 +144,7 @@ def build_datasets(
     if cfg.format == "synthetic":
         k = num_classes or 10
         train_idx, val_idx = seeded_split(cfg.syntheticSamples, cfg.valFraction, seed)
-        val = SyntheticDataset(val_idx, k, image_size, seed) if val_idx else None
+        val: Dataset[Any] | None = SyntheticDataset(val_idx, k, image_size, seed) if val_idx else None
         return DataBundle(
             SyntheticDataset(train_idx, k, image_size, seed),
             val,

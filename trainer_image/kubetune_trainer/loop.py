@@ -451,11 +451,18 @@ class Trainer:
             self.checkpoint_path, self.checkpoint_step = str(path), step
             self.telemetry.checkpoint_saved(step, seconds)
 
+    def _eval_model(self) -> nn.Module:
+        """The weights that are evaluated and exported: the EMA copy when training.ema is on."""
+        if self.ema is not None:
+            ema_module: nn.Module = self.ema.module  # type: ignore[assignment]
+            return ema_module
+        return model_mod.unwrap(self.model)
+
     @torch.no_grad()
     def _evaluate(self) -> None:
         if self.data.val is None or self.eval_step == self.step:
             return
-        net = self.ema.module if self.ema is not None else model_mod.unwrap(self.model)  # type: ignore[union-attr]
+        net = self._eval_model()
         net.eval()
         idx = data_mod.eval_indices(len(self.data.val), self.rt.rank, self.rt.world_size)  # type: ignore[arg-type]
         bs = self.cfg.training.batchSize
@@ -514,7 +521,7 @@ class Trainer:
         self._drain_saves()
         final = None
         if self.rt.rank == 0:
-            net = self.ema.module if self.ema is not None else model_mod.unwrap(self.model)  # type: ignore[union-attr]
+            net = self._eval_model()
             pcfg = dict(getattr(model_mod.unwrap(self.model), "pretrained_cfg", {}) or {})
             pcfg["num_classes"] = self.num_classes
             final = export_final(
