@@ -42,9 +42,20 @@ WANDB_MSG = "{field} is immutable: changing it would split the W&B run; create a
 # --- field constructors --------------------------------------------------------------------------------
 
 
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int) and abs(value) >= 10000:
+        return f"{value:,}"
+    return str(value)
+
+
 def _with(schema: Schema, default: Any = None, rules: list[Schema] | None = None) -> Schema:
+    """Attach default and CEL rules; `kubectl explain` shows neither, so the default joins the description."""
     if default is not None:
         schema["default"] = default
+        if default != {}:
+            schema["description"] += f" Default: {_show(default)}."
     if rules:
         schema["x-kubernetes-validations"] = rules
     return schema
@@ -79,7 +90,14 @@ def enum(desc: str, values: list[str], default: str | None = None) -> Schema:
     return string(desc, 0, enum=values, default=default)
 
 
-def integer(desc: str, lo: int, hi: int, default: int | None = None, fmt: str = "int64") -> Schema:
+def _range(lo: float, hi: float, exclusive_min: bool = False) -> str:
+    return f" Range: {'above ' if exclusive_min else ''}{_show(lo)} to {_show(hi)}."
+
+
+def integer(
+    desc: str, lo: int, hi: int, default: int | None = None, fmt: str = "int64", show_range: bool = True
+) -> Schema:
+    desc += _range(lo, hi) if show_range else ""
     return _with(
         {"type": "integer", "format": fmt, "description": desc, "minimum": lo, "maximum": hi}, default
     )
@@ -88,7 +106,12 @@ def integer(desc: str, lo: int, hi: int, default: int | None = None, fmt: str = 
 def number(
     desc: str, lo: float, hi: float, default: float | None = None, exclusive_min: bool = False
 ) -> Schema:
-    s: Schema = {"type": "number", "description": desc, "minimum": lo, "maximum": hi}
+    s: Schema = {
+        "type": "number",
+        "description": desc + _range(lo, hi, exclusive_min),
+        "minimum": lo,
+        "maximum": hi,
+    }
     if exclusive_min:
         s["exclusiveMinimum"] = True
     return _with(s, default)
@@ -184,14 +207,17 @@ MODEL = obj(
             256,
             pattern=r"^[A-Za-z0-9_.:/-]+$",
         ),
-        "pretrained": boolean("Load pretrained weights (from `weights` when set) before fine-tuning.", False),
+        "pretrained": boolean(
+            "Load timm's pretrained weights from the hub cache in the image (HF_HOME); nothing is downloaded.",
+            False,
+        ),
         "weights": string(
-            "Path of a local weights file (.safetensors/.pth) inside the data volume, used when pretrained "
-            "is true. No model hub is contacted.",
+            "Local .safetensors/.pth file to initialise from, e.g. /data/weights/resnet50.safetensors; "
+            "tensors whose shape differs (the classifier head) are skipped.",
             4096,
         ),
         "numClasses": integer(
-            "Number of output classes; the classifier head is replaced when set. Unset: taken from the dataset.",
+            "Number of output classes (classifier size). Unset: the number of classes found in the data.",
             1,
             100000,
             fmt="int32",
@@ -206,7 +232,8 @@ DATA = obj(
     "The training data. Immutable: the resumable sampler's position is only valid for the same data.",
     {
         "format": enum(
-            "imagefolder: one sub-directory per class under `path`; synthetic: random images (smoke tests).",
+            "imagefolder: one sub-directory per class under `path` (optionally inside train/ and val/); "
+            "synthetic: random tensors (smoke tests).",
             ["imagefolder", "synthetic"],
             "imagefolder",
         ),
@@ -237,7 +264,7 @@ TRAINING = obj(
     "Set epochs or maxSteps, not both.",
     {
         "epochs": integer(
-            "Number of passes over the training set. Mutually exclusive with maxSteps.",
+            "Passes over the training set. Mutually exclusive with maxSteps; neither means 1 epoch.",
             1,
             100000,
             fmt="int32",
@@ -245,21 +272,29 @@ TRAINING = obj(
         "maxSteps": integer("Total optimizer steps. Mutually exclusive with epochs.", 1, BIG),
         "batchSize": integer("Samples per step per training process.", 1, 65536, 32, fmt="int32"),
         "learningRate": number("Peak learning rate (after warmup).", 0, 10, 0.001, exclusive_min=True),
-        "weightDecay": number("Weight decay coefficient.", 0, 1, 0.05),
-        "optimizer": enum("Optimizer.", ["adamw", "sgd"], "adamw"),
-        "scheduler": enum("Learning-rate schedule after warmup.", ["cosine", "step", "constant"], "cosine"),
+        "weightDecay": number("Decoupled weight decay (adamw) or L2 penalty (sgd).", 0, 1, 0.05),
+        "optimizer": enum("adamw, or sgd (momentum 0.9, nesterov).", ["adamw", "sgd"], "adamw"),
+        "scheduler": enum(
+            "Learning-rate schedule after warmup: cosine (to 0), step (x0.1 at 50% and 75%) or constant.",
+            ["cosine", "step", "constant"],
+            "cosine",
+        ),
         "warmupSteps": integer("Linear warmup steps from 0 to learningRate.", 0, BIG, 0),
         "gradAccumulation": integer("Micro-batches accumulated per optimizer step.", 1, 1024, 1, fmt="int32"),
         "precision": enum(
-            "Numeric precision; auto picks bf16 on GPUs that support it, else fp32.",
+            "Numeric precision: auto is bf16 on CUDA and fp32 on CPU; mixed precision is used on CUDA only.",
             ["auto", "fp32", "bf16", "fp16"],
             "auto",
         ),
         "seed": integer("Seed for every random number generator.", 0, INT32_MAX, 0),
-        "deterministic": boolean("Use deterministic kernels (slower). Unset: the trainer decides."),
+        "deterministic": boolean(
+            "Deterministic kernels (bitwise-reproducible resume, slower). Unset: true on CPU, false on CUDA."
+        ),
         "labelSmoothing": number("Label smoothing for the cross-entropy loss.", 0, 0.5, 0.0),
         "gradClip": number("Clip the gradient norm to this value; 0 disables clipping.", 0, 10**6, 0.0),
-        "ema": boolean("Keep an exponential moving average of the weights and evaluate with it.", False),
+        "ema": boolean(
+            "Keep an exponential moving average of the weights; evaluation and export use it.", False
+        ),
     },
     default={},
     rules=[
@@ -471,7 +506,7 @@ SPEC = obj(
 
 
 def count(desc: str) -> Schema:
-    return integer(desc, 0, 10**12)
+    return integer(desc, 0, 10**12, show_range=False)
 
 
 def timestamp(desc: str) -> Schema:

@@ -309,6 +309,8 @@ def job(crd: Any, namespace: str) -> str:
     ],
     ids=[
         "model",
+        "freeze-word",
+        "freeze-list",
         "training",
         "training-add-epochs",
         "data",
