@@ -328,3 +328,36 @@ def test_examples_parse_in_the_trainer(trainer_config: Any, example: Path) -> No
     """A manifest the API server accepts runs in the trainer unchanged."""
     job = trainer_config.load_job(example, env={})
     assert job.name == yaml.safe_load(example.read_text())["metadata"]["name"]
+
+
+def rules(schema: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    return {
+        p: node["x-kubernetes-validations"] for p, node in walk(schema) if "x-kubernetes-validations" in node
+    }
+
+
+def test_every_cel_rule_has_a_message(schema: dict[str, Any]) -> None:
+    assert [(p, r["rule"]) for p, rs in rules(schema).items() for r in rs if not r.get("message")] == []
+
+
+def test_resume_critical_sections_are_immutable(schema: dict[str, Any]) -> None:
+    by_path = {p: [r["rule"] for r in rs] for p, rs in rules(schema).items()}
+    for path in (
+        "spec.model",
+        "spec.data",
+        "spec.training",
+        "spec.resources",
+        "spec.workers",
+        "spec.wandb.mode",
+    ):
+        assert "self == oldSelf" in by_path[path], path
+    transition = [r for rs in by_path.values() for r in rs if "oldSelf" in r]
+    mutable = ("runPolicy", "tags", "everySteps", "everySeconds", "keepLast", "tolerations", "nodeSelector")
+    assert not [r for r in transition if any(m in r for m in mutable)]
+    for path in (
+        "spec.runPolicy",
+        "spec.checkpoint.everySteps",
+        "spec.checkpoint.keepLast",
+        "spec.wandb.tags",
+    ):
+        assert not any("oldSelf" in r for r in by_path.get(path, [])), path
