@@ -97,7 +97,8 @@ start() {
   local -a extra=()
   read -r -a extra <<<"${!var:-}"
   [[ -x $BIN/$c ]] || die "$BIN/$c is missing: run 'bash hack/build-binaries.sh' (or make setup)"
-  setsid "$BIN/$c" "$@" "${extra[@]}" </dev/null >"$DIR/logs/$c.log" 2>&1 &
+  # 8>&-: the component must not inherit (and so hold) the up/down lock.
+  setsid "$BIN/$c" "$@" "${extra[@]}" </dev/null >"$DIR/logs/$c.log" 2>&1 8>&- &
   echo $! >"$(pidfile "$c")"
 }
 
@@ -197,7 +198,8 @@ all_running() {
   for c in "${COMPONENTS[@]}"; do ours "$c" >/dev/null || return 1; done
 }
 
-healthy() { [[ -f $KUBECONFIG_PATH ]] && all_running && readyz; }
+# $DIR/ready is written as the very last step of `up`, so a half-started cluster never counts as up.
+healthy() { [[ -f $DIR/ready && -f $KUBECONFIG_PATH ]] && all_running && readyz; }
 
 # Every kwok node Ready and without the not-ready taint (removed by the node lifecycle controller), so
 # the first pod a test creates schedules at once.
@@ -231,8 +233,8 @@ up() {
     log "cleaning up a previous run in $DIR"
     stop_all
   fi
-  rm -rf "${DIR:?}"/{etcd,pki,logs,pids,kubeconfig,*.kubeconfig}
-  mkdir -p "$DIR/logs" "$DIR/pids" "$DIR/etcd"
+  rm -rf "${DIR:?}"/{ready,etcd,pki,logs,pids,kubeconfig,*.kubeconfig}
+  mkdir -p "$DIR/logs" "$DIR/pids" && mkdir -m 700 "$DIR/etcd"
 
   local p name
   for p in "kube-apiserver:$API_PORT" "etcd:$ETCD_PORT" "etcd:$ETCD_PEER_PORT" \
@@ -296,6 +298,7 @@ up() {
   ((PV_POOL > 0)) && pv_pool | kc apply -f - >/dev/null
   wait_until kwok nodes_ready
 
+  touch "$DIR/ready"
   log "up in $((SECONDS - t0))s: apiserver https://127.0.0.1:$API_PORT, state in $DIR"
   log "use our kubectl by absolute path: $BIN/kubectl (not /usr/bin/kubectl)"
   echo "export KUBECONFIG=$KUBECONFIG_PATH"
@@ -303,7 +306,7 @@ up() {
 
 down() {
   stop_all
-  rm -rf "${DIR:?}"/{etcd,pki,logs,pids,kubeconfig,*.kubeconfig}
+  rm -rf "${DIR:?}"/{ready,etcd,pki,logs,pids,kubeconfig,*.kubeconfig}
   rmdir "$DIR" 2>/dev/null || true
   log "down ($DIR)"
 }
@@ -314,7 +317,7 @@ status() {
     if pid=$(ours "$c"); then printf '%-24s running (pid %s)\n' "$c" "$pid"
     else printf '%-24s not running\n' "$c"; rc=1; fi
   done
-  if ((rc == 0)) && readyz; then
+  if ((rc == 0)) && [[ -f $DIR/ready ]] && readyz; then
     printf '%-24s https://127.0.0.1:%s/readyz ok\nexport KUBECONFIG=%s\n' apiserver "$API_PORT" "$KUBECONFIG_PATH"
   else
     rc=1
@@ -322,9 +325,16 @@ status() {
   return $rc
 }
 
+# One up/down at a time per state directory (parallel pytest sessions, make targets).
+lock() {
+  mkdir -p "$DIR"
+  exec 8>"$DIR/.lock"
+  flock 8
+}
+
 case "${1:-}" in
-up) up ;;
-down) down ;;
+up) lock; up ;;
+down) lock; down ;;
 status) status ;;
 *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
 esac

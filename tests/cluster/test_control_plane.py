@@ -7,6 +7,7 @@ it just before deleting the pod, and kwok removes deleted pods at once, so a pol
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import secrets
 from collections.abc import Iterator
@@ -162,10 +163,19 @@ def test_patched_terminated_status_sticks(
     core_v1.create_namespaced_pod(namespace, fake_pod("trainer", tolerations=[SPOT_TOLERATION]))
     wait_pod_running(core_v1, namespace, "trainer")
     # A DisruptionTarget written earlier (as the scheduler would) must survive the kubelet-style report.
+    # (It needs a lastTransitionTime: the disruption controller resets DisruptionTarget conditions older
+    # than 2 minutes on pods that were not deleted, and a missing time counts as very old.)
+    marker = {
+        "type": "DisruptionTarget",
+        "status": "True",
+        "reason": "PreemptionByScheduler",
+        "message": "test marker",
+        "lastTransitionTime": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
     core_v1.patch_namespaced_pod_status(
         "trainer",
         namespace,
-        {"status": {"conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "TestMarker"}]}},
+        {"status": {"conditions": [marker]}},
         _content_type="application/strategic-merge-patch+json",
     )
 
@@ -182,7 +192,7 @@ def test_patched_terminated_status_sticks(
             and term.exit_code == exit_code
             and term.reason == reason
             and (term.message or "") == message
-            and condition_reason(pod, "DisruptionTarget") == "TestMarker"
+            and condition_reason(pod, "DisruptionTarget") == "PreemptionByScheduler"
             and pod_conditions(pod)["Ready"].status == "False"
         )
 
