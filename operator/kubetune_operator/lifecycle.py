@@ -639,11 +639,13 @@ def _judge_attempt(
             _mark(d, obs, "Running", "Running", f"attempt {attempt}: {len(current)} pod(s) running")
     else:
         phase = "Pending" if attempt == 1 else "Restarting"
-        msg = f"attempt {attempt}: waiting for pods to start"
         if pod.waiting_reason in IMAGE_PULL_REASONS + CONFIG_WAIT_REASONS:
             msg = f"pod {pod.name}: {pod.waiting_reason}: {pod.waiting_message}".rstrip(": ")
-        if st.get("phase") != phase or st.get("message") != msg:
-            _mark(d, obs, phase, end.reason, msg)
+            if st.get("message") != msg:
+                _mark(d, obs, phase, pod.waiting_reason or "Waiting", msg)
+        elif st.get("phase") != phase:
+            _mark(d, obs, phase, end.reason, f"attempt {attempt}: waiting for pods to start")
+        # Otherwise keep the condition that says why this attempt exists (e.g. the disruption reason).
     if pod.waiting_reason in IMAGE_PULL_REASONS + CONFIG_WAIT_REASONS and pod.created:
         waited = (now - pod.created).total_seconds()
         d.requeue.append(max(1.0, settings.start_timeout_seconds - waited + 1))
