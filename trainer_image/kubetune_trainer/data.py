@@ -101,10 +101,13 @@ def _scan_folder(
                     img.size  # noqa: B018
             except Exception as e:  # PIL raises many types for a bad file
                 bad += 1
-                log.warning("skipping unreadable image %s: %s", p, e)
+                if bad <= 10:
+                    log.warning("skipping unreadable image %s: %s", p, e)
                 continue
             samples.append((str(p), label))
     total = len(samples) + bad
+    if bad:
+        log.warning("skipped %d unreadable images of %d under %s", bad, total, root)
     if total == 0:
         raise ConfigError(f"data.path: no images under {root} (extensions {', '.join(IMAGE_EXTENSIONS)})")
     if bad / total > MAX_BAD_FRACTION:
