@@ -37,12 +37,20 @@ app.kubernetes.io/instance: {{ .Release.Name | trunc 63 | trimSuffix "-" }}
 app.kubernetes.io/component: operator
 {{- end }}
 
-{{- define "kubetune.labels" -}}
+{{/* Labels of every object, without the component (each object adds its own). */}}
+{{- define "kubetune.commonLabels" -}}
 helm.sh/chart: {{ include "kubetune.chart" . }}
-{{ include "kubetune.selectorLabels" . }}
+app.kubernetes.io/name: {{ include "kubetune.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name | trunc 63 | trimSuffix "-" }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | trunc 63 | trimSuffix "-" | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: kubetune
+{{- end }}
+
+{{/* Labels of the operator's objects. */}}
+{{- define "kubetune.labels" -}}
+{{ include "kubetune.commonLabels" . }}
+app.kubernetes.io/component: operator
 {{- end }}
 
 {{- define "kubetune.serviceAccountName" -}}
