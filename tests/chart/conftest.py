@@ -74,8 +74,16 @@ class Helm:
         values_file = Path(self.env["HELM_CACHE_HOME"]) / f"values-{os.getpid()}-{id(values)}.yaml"
         values_file.write_text(yaml.safe_dump(values))
         return self.run(
-            "template", release, str(CHART), "--namespace", namespace, "--kube-version", KUBE_VERSION,
-            "-f", str(values_file), *extra,
+            "template",
+            release,
+            str(CHART),
+            "--namespace",
+            namespace,
+            "--kube-version",
+            KUBE_VERSION,
+            "-f",
+            str(values_file),
+            *extra,
         ).stdout
 
     def template(
@@ -140,7 +148,9 @@ def extra_namespaces(api_client: Any, namespace: str) -> Iterator[Any]:
 
     def make(suffix: str, labels: dict[str, str] | None = None) -> str:
         name = f"{namespace[: 62 - len(suffix)]}-{suffix}"
-        core.create_namespace({"metadata": {"name": name, "labels": {"kubetune.io/test": "true", **(labels or {})}}})
+        core.create_namespace(
+            {"metadata": {"name": name, "labels": {"kubetune.io/test": "true", **(labels or {})}}}
+        )
         made.append(name)
         return name
 

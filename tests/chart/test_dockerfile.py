@@ -107,9 +107,6 @@ def test_build_context_is_minimal() -> None:
     allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
     assert allowed == {"pyproject.toml", "README.md", "operator", "trainer_image/kubetune_trainer"}
     copied = {
-        src.rstrip("/").rstrip("*")
-        for op, rest in stages()[0]
-        if op == "COPY"
-        for src in rest.split()[:-1]
+        src.rstrip("/").rstrip("*") for op, rest in stages()[0] if op == "COPY" for src in rest.split()[:-1]
     }
     assert copied <= allowed, copied - allowed

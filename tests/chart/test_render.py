@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import yaml
 from conftest import CHART, KUBE_VERSION, VALUE_SETS, Helm, by_kind, one
-
 from kubetune_operator import builders
 from kubetune_operator.api import parse_job
 
@@ -25,7 +24,11 @@ LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
 
 NAMESPACED_RULES = [
-    {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs"], "verbs": ["get", "list", "watch", "delete"]},
+    {
+        "apiGroups": ["kubetune.io"],
+        "resources": ["finetunejobs"],
+        "verbs": ["get", "list", "watch", "delete"],
+    },
     {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs/status"], "verbs": ["patch"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete"]},
     {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get", "create"]},
@@ -34,7 +37,11 @@ NAMESPACED_RULES = [
 ]
 CLUSTER_RULES = [
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
-    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
+    {
+        "apiGroups": ["apiextensions.k8s.io"],
+        "resources": ["customresourcedefinitions"],
+        "verbs": ["list", "watch"],
+    },
 ]
 NAMESPACES_RULE = {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}
 
@@ -51,7 +58,15 @@ def container(objs: list[dict[str, Any]]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
 def test_lint_strict(helm: Helm, tmp_path: Path, name: str) -> None:
-    out = helm.run("lint", "--strict", "--kube-version", KUBE_VERSION, str(CHART), "-f", str(values_file(tmp_path, VALUE_SETS[name])))
+    out = helm.run(
+        "lint",
+        "--strict",
+        "--kube-version",
+        KUBE_VERSION,
+        str(CHART),
+        "-f",
+        str(values_file(tmp_path, VALUE_SETS[name])),
+    )
     assert "1 chart(s) linted, 0 chart(s) failed" in out.stdout
 
 
@@ -126,14 +141,18 @@ def test_default_render(helm: Helm) -> None:
     assert "priorityClassName" not in pod and "imagePullSecrets" not in pod
     svc = one(objs, "Service")
     assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
-    assert svc["spec"]["ports"] == [{"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}]
+    assert svc["spec"]["ports"] == [
+        {"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}
+    ]
     test_pod = one(objs, "Pod")
     assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     assert test_pod["spec"]["containers"][0]["image"] == c["image"]
     assert "kt-kubetune.kubetune-system.svc:8080/metrics" in test_pod["spec"]["containers"][0]["args"][0]
     cm = one(objs, "ConfigMap")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert json.loads(cm["data"]["kubetune.json"]) == json.loads((CHART / "dashboards" / "kubetune.json").read_text())
+    assert json.loads(cm["data"]["kubetune.json"]) == json.loads(
+        (CHART / "dashboards" / "kubetune.json").read_text()
+    )
 
 
 def test_cluster_wide_rbac_is_exactly_the_operator_calls(helm: Helm) -> None:
@@ -147,8 +166,15 @@ def test_cluster_wide_rbac_is_exactly_the_operator_calls(helm: Helm) -> None:
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
     ]  # fmt: skip
     binding = one(objs, "ClusterRoleBinding")
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kt-kubetune", "namespace": "kubetune-system"}]
-    verbs = {v for o in by_kind(objs, "ClusterRole") + by_kind(objs, "Role") for r in o["rules"] for v in r["verbs"]}
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "kt-kubetune", "namespace": "kubetune-system"}
+    ]
+    verbs = {
+        v
+        for o in by_kind(objs, "ClusterRole") + by_kind(objs, "Role")
+        for r in o["rules"]
+        for v in r["verbs"]
+    }
     assert not verbs & {"*", "escalate", "bind", "impersonate", "deletecollection"}
     resources = {res for o in by_kind(objs, "ClusterRole") for r in o["rules"] for res in r["resources"]}
     assert "secrets" not in resources
@@ -156,9 +182,14 @@ def test_cluster_wide_rbac_is_exactly_the_operator_calls(helm: Helm) -> None:
 
 def test_watch_namespaces_gives_roles_per_namespace(helm: Helm) -> None:
     objs = helm.template(VALUE_SETS["namespaced"])
-    assert [a for a in container(objs)["args"] if "namespace" in a] == ["--namespace=team-a", "--namespace=team-b"]
+    assert [a for a in container(objs)["args"] if "namespace" in a] == [
+        "--namespace=team-a",
+        "--namespace=team-b",
+    ]
     assert one(objs, "ClusterRole")["rules"] == [*CLUSTER_RULES, NAMESPACES_RULE]
-    roles = {r["metadata"]["namespace"]: r for r in by_kind(objs, "Role") if r["metadata"]["name"] == "kt-kubetune"}
+    roles = {
+        r["metadata"]["namespace"]: r for r in by_kind(objs, "Role") if r["metadata"]["name"] == "kt-kubetune"
+    }
     assert sorted(roles) == ["team-a", "team-b"]
     assert all(r["rules"] == NAMESPACED_RULES for r in roles.values())
     bindings = {b["metadata"]["namespace"] for b in by_kind(objs, "RoleBinding")}
@@ -187,9 +218,10 @@ def test_monitoring_objects_select_what_the_operator_builds(helm: Helm) -> None:
     assert endpoint["port"] in {p["name"] for p in trainer["spec"]["containers"][0]["ports"]}
     assert endpoint["honorLabels"] is True and pm["spec"]["namespaceSelector"] == {"any": True}
     # Operator pods never match the PodMonitor (no double scrape).
-    assert not pm["spec"]["selector"]["matchLabels"].items() <= one(objs, "Deployment")["spec"]["template"][
-        "metadata"
-    ]["labels"].items()
+    assert (
+        not pm["spec"]["selector"]["matchLabels"].items()
+        <= one(objs, "Deployment")["spec"]["template"]["metadata"]["labels"].items()
+    )
     alerts = [r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]]
     assert alerts == ["KubetuneJobFailed", "KubetuneRepeatedPreemptions", "KubetuneJobNoProgress",
                       "KubetuneCheckpointTooOld"]  # fmt: skip
@@ -226,7 +258,7 @@ def test_image_digest_and_tags(helm: Helm) -> None:
     objs = helm.template({"image": {"digest": digest}, "trainer": {"image": {"tag": "cu124"}}})
     c = container(objs)
     assert c["image"] == f"ghcr.io/kubetune/kubetune-operator@{digest}"
-    assert f"--trainer-image=ghcr.io/kubetune/kubetune-trainer:cu124" in c["args"]
+    assert "--trainer-image=ghcr.io/kubetune/kubetune-trainer:cu124" in c["args"]
 
 
 def test_names_and_labels_fit_63(helm: Helm) -> None:
@@ -259,9 +291,17 @@ BAD_VALUES = [
 
 
 @pytest.mark.parametrize(("why", "values", "names"), BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
-def test_schema_rejects(helm: Helm, tmp_path: Path, why: str, values: dict[str, Any], names: list[str]) -> None:
+def test_schema_rejects(
+    helm: Helm, tmp_path: Path, why: str, values: dict[str, Any], names: list[str]
+) -> None:
     out = helm.run(
-        "template", "kt", str(CHART), "--kube-version", KUBE_VERSION, "-f", str(values_file(tmp_path, values)),
+        "template",
+        "kt",
+        str(CHART),
+        "--kube-version",
+        KUBE_VERSION,
+        "-f",
+        str(values_file(tmp_path, values)),
         check=False,
     )
     assert out.returncode != 0, f"{why}: accepted"
