@@ -1,0 +1,163 @@
+"""Telemetry seen from outside: the Prometheus endpoint over HTTP, and W&B offline run files."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import struct
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .helpers import Job, tiny_spec, wait_for
+
+pytestmark = pytest.mark.trainer
+
+METRICS = {
+    "kubetune_trainer_step",
+    "kubetune_trainer_total_steps",
+    "kubetune_trainer_epoch",
+    "kubetune_trainer_samples",  # exposed as kubetune_trainer_samples_total
+    "kubetune_trainer_samples_per_second",
+    "kubetune_trainer_loss",
+    "kubetune_trainer_learning_rate",
+    "kubetune_trainer_eval_accuracy",
+    "kubetune_trainer_checkpoint_seconds",
+    "kubetune_trainer_checkpoint_step",
+    "kubetune_trainer_resumes",
+    "kubetune_trainer_lost_steps",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> dict[str, dict[str, Any]]:
+    """{family: {"type": ..., "samples": {sample_name: value}}}; empty if not serving yet."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for fam in text_string_to_metric_families(text):
+        out[fam.name] = {"type": fam.type, "samples": {s.name: (s.value, s.labels) for s in fam.samples}}
+    return out
+
+
+@pytest.mark.timeout(240)
+def test_metrics_endpoint_during_training_and_after_resume(job_factory: Callable[..., Job]) -> None:
+    port = free_port()
+    job = job_factory(
+        tiny_spec(training={"maxSteps": 400}, checkpoint={"everySteps": 5}, metrics={"port": port})
+    )
+    env = {"KUBETUNE_JOB": "demo", "KUBETUNE_NAMESPACE": "team-a"}
+    proc = job.start(**env)
+    seen: dict[str, dict[str, Any]] = {}
+
+    def trained_past_an_epoch() -> bool:
+        nonlocal seen
+        seen = scrape(port)
+        step = seen.get("kubetune_trainer_checkpoint_step", {}).get("samples", {})
+        acc = seen.get("kubetune_trainer_eval_accuracy", {}).get("samples", {})
+        return bool(step and acc and next(iter(step.values()))[0] >= 5) or proc.poll() is not None
+
+    wait_for(trained_past_an_epoch, 120, "an eval and a checkpoint in /metrics")
+    assert proc.poll() is None, job.log_text()
+    assert set(seen) >= METRICS, METRICS - set(seen)
+    value, labels = seen["kubetune_trainer_step"]["samples"]["kubetune_trainer_step"]
+    assert labels == {"job": "demo", "namespace": "team-a"} and value >= 5
+    assert seen["kubetune_trainer_total_steps"]["samples"]["kubetune_trainer_total_steps"][0] == 400
+    assert seen["kubetune_trainer_samples"]["samples"]["kubetune_trainer_samples_total"][0] >= 5 * 8
+    assert seen["kubetune_trainer_checkpoint_seconds"]["type"] == "histogram"
+    assert (
+        seen["kubetune_trainer_checkpoint_seconds"]["samples"]["kubetune_trainer_checkpoint_seconds_count"][0]
+        >= 1
+    )
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+
+    proc = job.start(**env)
+    wait_for(
+        lambda: scrape(port).get("kubetune_trainer_resumes") or proc.poll() is not None,
+        120,
+        "restarted /metrics",
+    )
+    again = scrape(port)
+    assert again["kubetune_trainer_resumes"]["samples"]["kubetune_trainer_resumes_total"][0] == 1
+    assert again["kubetune_trainer_lost_steps"]["samples"]["kubetune_trainer_lost_steps_total"][0] == 0
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+
+
+def read_wandb_records(path: Path) -> list[Any]:
+    """Records of a .wandb file (a leveldb-style log of protobuf Records: 7-byte file header, 32 KiB blocks,
+    7-byte record headers crc32/len/type with FULL=1, FIRST=2, MIDDLE=3, LAST=4)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", path
+    records, pending, pos, block = [], b"", 7, 32768
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 2):
+            pending = chunk
+        else:
+            pending += chunk
+        if kind in (1, 4):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(pending)
+            records.append(rec)
+    return records
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_wandb_one_run_across_restarts_no_step_twice_or_missing(
+    tmp_path: Path, job_factory: Callable[..., Job]
+) -> None:
+    total = 20
+    job = job_factory(
+        tiny_spec(
+            training={"maxSteps": total},
+            checkpoint={"everySteps": 4},
+            wandb={"mode": "offline", "project": "kubetune-test"},
+        )
+    )
+    env = {"WANDB_DIR": str(tmp_path / "wb"), "WANDB_MODE": "offline"}
+    (tmp_path / "wb").mkdir()
+    for stop_at in (5, 13):
+        proc = job.start(**env)
+        assert job.interrupt_at(proc, stop_at, signal.SIGTERM) == 143, job.log_text()
+    assert job.run(**env) == 0, job.log_text()
+
+    runs = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 3, runs
+    ids = {p.name.rsplit("-", 1)[1] for p in runs}
+    assert len(ids) == 1, ids
+    steps: list[int] = []
+    preempting = 0
+    for run in runs:
+        (wandb_file,) = run.glob("run-*.wandb")
+        for rec in read_wandb_records(wandb_file):
+            kind = rec.WhichOneof("record_type")
+            if kind == "history":
+                steps.append(rec.history.step.num)
+            preempting += kind == "preempting"
+    assert steps == list(range(1, total + 1)), steps
+    assert preempting == 2
