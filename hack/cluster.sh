@@ -11,7 +11,9 @@
 #   KUBETUNE_CLUSTER_DIR        state directory (default <repo>/.cluster): certs, kubeconfig, logs, pids
 #   KUBETUNE_APISERVER_PORT     kube-apiserver port (default 6443)
 #   KUBETUNE_PORT_BASE          first of 5 consecutive ports for etcd client/peer, controller-manager,
-#                               scheduler and kwok (default 23790)
+#                               scheduler and kwok (default 23790). Keep all ports below the ephemeral
+#                               range (/proc/sys/net/ipv4/ip_local_port_range, usually 32768+): a port
+#                               there can be taken by any outgoing connection.
 #   KUBETUNE_BIN_DIR            binaries (default ${XDG_CACHE_HOME:-~/.cache}/kubetune/bin/current)
 #   KUBETUNE_PV_POOL            hostPath PersistentVolumes to pre-create in StorageClass standard (32)
 #   KUBETUNE_EXTRA_ARGS_<C>     extra flags for component C (ETCD, KUBE_APISERVER,
@@ -77,7 +79,12 @@ stop_all() {
   for c in "${COMPONENTS[@]}"; do stop_one "$c"; done
 }
 
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# A port is busy when something listens on it, or when any socket other than a TIME-WAIT one uses it
+# locally (e.g. an outgoing connection that got it as its ephemeral port: bind would fail).
+port_busy() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+  command -v ss >/dev/null && [[ -n $(ss -Htan "( sport = :$1 )" | grep -v TIME-WAIT) ]]
+}
 
 # fail <component> <why>: report a component that did not come up, with the tail of its log.
 fail() {

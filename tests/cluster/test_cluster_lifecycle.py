@@ -32,7 +32,8 @@ def _free(port: int) -> bool:
 
 def _free_ports() -> tuple[int, int]:
     """An apiserver port and a base of 5 consecutive free ports, away from the defaults."""
-    for base in range(31000 + (os.getpid() % 50) * 20, 40000, 20):
+    # Below the ephemeral port range (32768+), where outgoing connections could take a port at any time.
+    for base in range(24000 + (os.getpid() % 100) * 20, 32000, 20):
         if all(_free(p) for p in (base, *range(base + 1, base + 7))):
             return base, base + 1
     raise RuntimeError("no free ports")
