@@ -89,7 +89,11 @@ class Job:
             return {}
 
     def termination(self) -> dict[str, Any]:
-        doc: dict[str, Any] = json.loads(self.term_log.read_text())
+        return self.termination_of(self.term_log)
+
+    @staticmethod
+    def termination_of(path: Path) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(path.read_text())
         return doc
 
     def log_text(self) -> str:

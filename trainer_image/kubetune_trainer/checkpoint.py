@@ -142,6 +142,7 @@ class Checkpointer:
     def save_async(self, step: int, state: dict[str, Any]) -> float:
         """Snapshot now, write in a background thread; returns seconds the caller was blocked."""
         if not self.writer:
+            self._mark(step)  # every rank keeps the same policy state, so all take the same branches
             return 0.0
         t0 = time.perf_counter()
         self.wait()
@@ -160,6 +161,7 @@ class Checkpointer:
     def save_sync(self, step: int, state: dict[str, Any]) -> Path | None:
         """Write now (SIGTERM, end of training); raises CheckpointError if the write fails."""
         if not self.writer:
+            self._mark(step)
             return None
         self.wait()
         self._mark(step)

@@ -127,6 +127,7 @@ class Trainer:
         self.run_id = ""
         self.first_start = True
         self._iter: Any = None
+        self._want_save = False
         self._setup()
 
     # -- setup ---------------------------------------------------------------------------------------
@@ -333,7 +334,7 @@ class Trainer:
         model_mod.set_train_mode(self.model, self.frozen)
         self._last_time = time.perf_counter()
         while True:
-            if self._stop_requested():
+            if self._poll():
                 return self._preempt()
             if self.step_in_epoch >= self.steps_per_epoch:
                 self._end_epoch()
@@ -347,13 +348,21 @@ class Trainer:
         t = self.cfg.training
         return t.batchSize * t.gradAccumulation * self.rt.world_size
 
-    def _stop_requested(self) -> bool:
-        if not self.rt.distributed:
-            return STOP.is_set()
-        # A SIGTERM on any rank stops every rank at the same step.
-        flag = torch.tensor([1.0 if STOP.is_set() else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+    def _poll(self) -> bool:
+        """At each step boundary: agree across ranks on stop (SIGTERM on any rank) and on saving (the
+        everySeconds clock differs per rank); start an async save if due. Returns True to stop."""
+        want_save, self._want_save = self._want_save, False
+        if self.rt.distributed:
+            flags = torch.tensor([float(STOP.is_set()), float(want_save)], device=self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stop, want_save = bool(flags[0].item()), bool(flags[1].item())
+        else:
+            stop = STOP.is_set()
+        if stop:
+            return True
+        if want_save:
+            self._save(sync=False)
+        return False
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._iter is None:
@@ -414,12 +423,8 @@ class Trainer:
         )
         self._drain_saves()
         self._write_progress()
-        if (
-            self.step_in_epoch < self.steps_per_epoch
-            and self.step < self.total_steps
-            and self.ckpt.should_save(self.step)
-        ):
-            self._save(sync=False)
+        mid_epoch = self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps
+        self._want_save = mid_epoch and self.ckpt.should_save(self.step)  # agreed on in _poll
 
     def _end_epoch(self) -> None:
         self._evaluate()
