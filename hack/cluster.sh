@@ -15,7 +15,6 @@
 #                               range (/proc/sys/net/ipv4/ip_local_port_range, usually 32768+): a port
 #                               there can be taken by any outgoing connection.
 #   KUBETUNE_BIN_DIR            binaries (default ${XDG_CACHE_HOME:-~/.cache}/kubetune/bin/current)
-#   KUBETUNE_PV_POOL            hostPath PersistentVolumes to pre-create in StorageClass standard (32)
 #   KUBETUNE_EXTRA_ARGS_<C>     extra flags for component C (ETCD, KUBE_APISERVER,
 #                               KUBE_CONTROLLER_MANAGER, KUBE_SCHEDULER, KWOK); a test hook
 #   KUBETUNE_START_TIMEOUT      seconds to wait for each component (default 60)
@@ -30,7 +29,6 @@ API_PORT=${KUBETUNE_APISERVER_PORT:-6443}
 BASE=${KUBETUNE_PORT_BASE:-23790}
 ETCD_PORT=$BASE ETCD_PEER_PORT=$((BASE + 1)) KCM_PORT=$((BASE + 2)) SCHED_PORT=$((BASE + 3))
 KWOK_PORT=$((BASE + 4))
-PV_POOL=${KUBETUNE_PV_POOL:-32}
 START_TIMEOUT=${KUBETUNE_START_TIMEOUT:-60}
 SERVICE_CIDR=10.96.0.0/16
 # Stop order; start order is the reverse.
@@ -219,13 +217,6 @@ nodes_ready() {
   ((got >= want))
 }
 
-pv_pool() {
-  local i
-  for ((i = 0; i < PV_POOL; i++)); do
-    printf -- '---\napiVersion: v1\nkind: PersistentVolume\nmetadata:\n  name: pool-%02d\n  labels: {kubetune.io/pv-pool: "true"}\nspec:\n  storageClassName: standard\n  capacity: {storage: 1Ti}\n  accessModes: [ReadWriteOnce, ReadWriteMany]\n  persistentVolumeReclaimPolicy: Retain\n  hostPath: {path: /tmp/kubetune-pv/pool-%02d, type: DirectoryOrCreate}\n' "$i" "$i"
-  done
-}
-
 # ---------------------------------------------------------------- commands
 
 up() {
@@ -287,6 +278,7 @@ up() {
     --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
     --service-cluster-ip-range "$SERVICE_CIDR" \
     --node-monitor-period 2s --node-monitor-grace-period 20s \
+    --enable-hostpath-provisioner \
     --profiling=false --v 1
   start kube-scheduler \
     --kubeconfig "$DIR/kube-scheduler.kubeconfig" \
@@ -302,7 +294,6 @@ up() {
   wait_until kwok kwok_healthy
 
   kc apply -f "$HACK/k8s/storageclass.yaml" -f "$HACK/k8s/nodes.yaml" >/dev/null
-  ((PV_POOL > 0)) && pv_pool | kc apply -f - >/dev/null
   wait_until kwok nodes_ready
 
   touch "$DIR/ready"

@@ -212,6 +212,7 @@ def kwok_node(core_v1: Any) -> Iterator[Any]:
     Each node is tainted ``kubetune.io/dedicated=<name>:NoSchedule`` unless ``taints`` is given (pods opt
     in with ``kubeutil.dedicated_toleration(name)``) and is deleted after the test, so tests that fill,
     drain or delete a node never disturb the shared ones."""
+    from kubernetes.client.exceptions import ApiException
     from kubeutil import create_kwok_node, delete_node_if_exists
 
     created: list[str] = []
@@ -224,4 +225,14 @@ def kwok_node(core_v1: Any) -> Iterator[Any]:
 
     yield make
     for name in created:
+        # Pods left on the node go first (kwok removes them at once); pods of a node that is already
+        # gone would wait for PodGC's 40 s quarantine and hold up their namespace's deletion.
+        for pod in core_v1.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={name}").items:
+            try:
+                core_v1.delete_namespaced_pod(
+                    pod.metadata.name, pod.metadata.namespace, grace_period_seconds=0
+                )
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
         delete_node_if_exists(core_v1, name)

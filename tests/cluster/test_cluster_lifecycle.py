@@ -82,7 +82,6 @@ def side_cluster(tmp_path: Path) -> Iterator[SideCluster]:
             "KUBETUNE_CLUSTER_DIR": str(tmp_path / "cluster"),
             "KUBETUNE_APISERVER_PORT": str(api),
             "KUBETUNE_PORT_BASE": str(base + 2),
-            "KUBETUNE_PV_POOL": "0",
         },
     )
     yield side

@@ -200,3 +200,39 @@ def test_patched_terminated_status_sticks(
     # kwok reacts to every pod update; touch the pod and watch the status survive kwok's next look.
     core_v1.patch_namespaced_pod("trainer", namespace, {"metadata": {"labels": {"touched": "yes"}}})
     holds_for(reported, duration=3, desc=f"terminated status (exit {exit_code})")
+
+
+def test_pvc_in_default_class_binds_and_its_pod_schedules(core_v1: Any, namespace: str) -> None:
+    core_v1.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "metadata": {"name": "ckpt"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "10Gi"}}},
+        },
+    )
+    pvc = wait_for(
+        lambda: (
+            (c := core_v1.read_namespaced_persistent_volume_claim("ckpt", namespace)).status.phase == "Bound"
+            and c
+        ),
+        timeout=30,
+        desc="PVC ckpt Bound",
+    )
+    assert pvc.spec.storage_class_name == "standard"
+    pod = fake_pod("uses-pvc", volumes=[{"name": "ckpt", "persistentVolumeClaim": {"claimName": "ckpt"}}])
+    pod["spec"]["containers"][0]["volumeMounts"] = [{"name": "ckpt", "mountPath": "/ckpt"}]
+    core_v1.create_namespaced_pod(namespace, pod)
+    wait_pod_running(core_v1, namespace, "uses-pvc")
+
+    core_v1.delete_namespaced_pod("uses-pvc", namespace)
+    wait_pod_gone(core_v1, namespace, "uses-pvc")
+    core_v1.delete_namespaced_persistent_volume_claim("ckpt", namespace)
+
+    def pv_gone() -> bool:
+        try:
+            core_v1.read_persistent_volume(pvc.spec.volume_name)
+        except client.exceptions.ApiException as exc:
+            return exc.status == 404
+        return False
+
+    wait_for(pv_gone, timeout=60, desc=f"PV {pvc.spec.volume_name} deleted with its claim")
