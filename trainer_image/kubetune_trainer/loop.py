@@ -14,6 +14,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,7 @@ class Trainer:
         self.first_start = True
         self._iter: Any = None
         self._want_save = False
+        self.outcome: Outcome | None = None
         self._setup()
 
     # -- setup ---------------------------------------------------------------------------------------
@@ -316,6 +318,15 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------
     def run(self) -> Outcome:
+        """Train to the end or to a SIGTERM; the returned Outcome says which."""
+        for _ in self.steps():
+            pass
+        assert self.outcome is not None
+        return self.outcome
+
+    def steps(self) -> Iterator[int]:
+        """The loop as a generator yielding the global step after each optimizer step (benchmarks drive it
+        step by step); sets self.outcome when it ends."""
         info = telemetry.RunInfo(
             job=self.rt.job,
             namespace=self.rt.namespace,
@@ -335,14 +346,16 @@ class Trainer:
         self._last_time = time.perf_counter()
         while True:
             if self._poll():
-                return self._preempt()
+                self.outcome = self._preempt()
+                return
             if self.step_in_epoch >= self.steps_per_epoch:
                 self._end_epoch()
                 continue
             if self.step >= self.total_steps:
                 break
             self._train_step()
-        return self._finish()
+            yield self.step
+        self.outcome = self._finish()
 
     def _global_batch(self) -> int:
         t = self.cfg.training
