@@ -1,0 +1,80 @@
+"""How long the training thread is blocked per checkpoint, against a synchronous torch.save of the same state.
+
+State: timm resnet18 (no pretrained weights) + AdamW moments + RNG states, as the trainer saves it.
+Key `stall_ratio` = mean blocked seconds per async save (CPU snapshot, plus waiting for the previous write if
+it had not finished) / mean seconds of torch.save of that state to the same directory (target <= 0.10).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MODEL, SAVES, STEPS_BETWEEN, SYNC_REPEATS = "resnet18", 5, 5, 3
+
+
+def run() -> dict[str, Any]:
+    import timm
+    import torch
+
+    from kubetune_trainer.checkpoint import Checkpointer
+    from kubetune_trainer.config import CheckpointConfig
+    from kubetune_trainer.loop import rng_state
+
+    torch.manual_seed(0)
+    model = timm.create_model(MODEL, num_classes=1000).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 1000, (16,))
+
+    def train_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    def state(step: int) -> dict[str, Any]:
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": 0, "rng": rng_state()}
+
+    train_step()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("KUBETUNE_BENCH_DIR")) as tmp:
+        sync_s, sync_fsync_s = [], []
+        for i in range(SYNC_REPEATS):
+            t0 = time.perf_counter()
+            torch.save(state(0), Path(tmp) / f"sync{i}.pt")
+            sync_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with open(Path(tmp) / f"syncf{i}.pt", "wb") as f:
+                torch.save(state(0), f)
+                f.flush()
+                os.fsync(f.fileno())
+            sync_fsync_s.append(time.perf_counter() - t0)
+        size = (Path(tmp) / "sync0.pt").stat().st_size
+        ckpt = Checkpointer(Path(tmp) / "async", CheckpointConfig(everySteps=STEPS_BETWEEN, keepLast=2))
+        step = 0
+        for _ in range(SAVES):
+            for _ in range(STEPS_BETWEEN):
+                train_step()
+                step += 1
+            ckpt.save_async(step, state(step))
+        ckpt.wait()
+    blocked = statistics.mean(ckpt.blocked_seconds)
+    sync = statistics.mean(sync_s)
+    return {
+        "model": MODEL,
+        "state_bytes": size,
+        "saves": SAVES,
+        "sync_torch_save_seconds": sync,
+        "sync_torch_save_fsync_seconds": statistics.mean(sync_fsync_s),
+        "async_blocked_seconds": blocked,
+        "async_blocked_max_seconds": max(ckpt.blocked_seconds),
+        "async_write_seconds": statistics.mean(ckpt.save_seconds),
+        "stall_ratio": blocked / sync,
+        "target": "<= 0.10",
+    }
+
+
+if __name__ == "__main__":
+    print(run())
