@@ -5,6 +5,7 @@ tests never read or write the user's helm repositories or plugins."""
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -147,7 +148,8 @@ def extra_namespaces(api_client: Any, namespace: str) -> Iterator[Any]:
     made: list[str] = []
 
     def make(suffix: str, labels: dict[str, str] | None = None) -> str:
-        name = f"{namespace[: 62 - len(suffix)]}-{suffix}"
+        # The test's namespace name ends in a random suffix that a cut would lose: add a fresh one.
+        name = f"{namespace[: 63 - len(suffix) - 8].rstrip('-')}-{suffix}-{secrets.token_hex(3)}"
         core.create_namespace(
             {"metadata": {"name": name, "labels": {"kubetune.io/test": "true", **(labels or {})}}}
         )
@@ -157,3 +159,36 @@ def extra_namespaces(api_client: Any, namespace: str) -> Iterator[Any]:
     yield make
     for name in made:
         core.delete_namespace(name, propagation_policy="Background")
+
+
+@pytest.fixture
+def bound_volume(api_client: Any) -> Iterator[Any]:
+    """Factory: a PersistentVolume pre-bound (claimRef) to the claim `namespace/claim`, so a job's
+    checkpoint PVC binds whatever state the cluster's shared volume pool or provisioner is in. Nothing is
+    mounted on kwok nodes; the PV only lets the pod schedule. Deleted at the end."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api_client)
+    made: list[str] = []
+
+    def make(namespace: str, claim: str) -> str:
+        name = f"kubetune-chart-test-{secrets.token_hex(4)}"
+        core.create_persistent_volume(
+            {
+                "metadata": {"name": name, "labels": {"kubetune.io/test": "true"}},
+                "spec": {
+                    "capacity": {"storage": "1Ti"},
+                    "accessModes": ["ReadWriteOnce", "ReadWriteMany"],
+                    "persistentVolumeReclaimPolicy": "Retain",
+                    "storageClassName": "standard",
+                    "hostPath": {"path": f"/tmp/kubetune-chart-test/{name}", "type": "DirectoryOrCreate"},
+                    "claimRef": {"namespace": namespace, "name": claim},
+                },
+            }
+        )
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        core.delete_persistent_volume(name)
