@@ -20,7 +20,6 @@ MODEL, SAVES, STEPS_BETWEEN, SYNC_REPEATS = "resnet18", 5, 5, 3
 def run() -> dict[str, Any]:
     import timm
     import torch
-
     from kubetune_trainer.checkpoint import Checkpointer
     from kubetune_trainer.config import CheckpointConfig
     from kubetune_trainer.loop import rng_state
@@ -36,7 +35,13 @@ def run() -> dict[str, Any]:
         opt.step()
 
     def state(step: int) -> dict[str, Any]:
-        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": 0, "rng": rng_state()}
+        return {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "epoch": 0,
+            "rng": rng_state(),
+        }
 
     train_step()
     with tempfile.TemporaryDirectory(dir=os.environ.get("KUBETUNE_BENCH_DIR")) as tmp:

@@ -51,8 +51,15 @@ def run() -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         manifest, ckpt, term = root / "job.yaml", root / "ckpt", root / "termination-log"
-        manifest.write_text(yaml.safe_dump({"kind": "FineTuneJob", "metadata": {"name": "bench"}, "spec": SPEC}))
-        env = {**os.environ, "PYTHONPATH": str(TRAINER), "OMP_NUM_THREADS": "1", "KUBETUNE_TERMINATION_LOG": str(term)}
+        manifest.write_text(
+            yaml.safe_dump({"kind": "FineTuneJob", "metadata": {"name": "bench"}, "spec": SPEC})
+        )
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(TRAINER),
+            "OMP_NUM_THREADS": "1",
+            "KUBETUNE_TERMINATION_LOG": str(term),
+        }
         argv = [sys.executable, "-m", "kubetune_trainer", "-f", str(manifest), "--checkpoint-dir", str(ckpt)]
 
         def start() -> subprocess.Popen[bytes]:

@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # kopf logs every handler call at INFO; ours are cache updates, so keep only problems.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     config = ControllerConfig(
         trainer_image=args.trainer_image,
         workers=args.workers,

@@ -72,7 +72,8 @@ class Controller:
         self.scrapes: dict[JobKey, _Scrape] = {}
         self.ended_at: dict[JobKey, float] = {}
         self.metrics = OperatorMetrics(
-            lambda: [(j.get("status") or {}).get("phase") or "Pending" for j in self.jobs.values()]
+            lambda: [(j.get("status") or {}).get("phase") or "Pending" for j in self.jobs.values()],
+            lambda: self.kube.requests,
         )
         self.active = asyncio.Event()  # set while this replica is the leader
         self._tasks: list[asyncio.Task[None]] = []
@@ -341,6 +342,11 @@ class Controller:
 
     async def _apply(self, key: JobKey, body: dict[str, Any], job: FineTuneJob, plan: lifecycle.Plan) -> None:
         ns = job.ref.namespace
+        if plan.preempted:
+            self.metrics.preemptions.labels(reason=plan.preempted).inc()
+            self.metrics.lost_steps.inc(plan.lost_steps)
+            # Recovery is timed from when the watch showed the attempt ending (or now, if it never did).
+            self.ended_at[key] = self._attempt_end_time(key) or time.monotonic()
         for obj in plan.create:
             await self.kube.create(obj)
         if plan.started_attempt is not None:
@@ -351,10 +357,6 @@ class Controller:
             await self.kube.delete("v1", "Pod", ns, name)
         for name in plan.force_delete_pods:
             await self.kube.delete("v1", "Pod", ns, name, grace_seconds=0)
-        if plan.preempted:
-            self.metrics.preemptions.labels(reason=plan.preempted).inc()
-            self.metrics.lost_steps.inc(plan.lost_steps)
-            self.ended_at[key] = self._attempt_end_time(key) or time.monotonic()
         if plan.failed:
             self.metrics.pod_failures.labels(cause=plan.failed).inc()
         current = self.jobs.get(key, body)

@@ -6,7 +6,7 @@ from collections import Counter as _Tally
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune_operator.lifecycle import Progress
@@ -32,10 +32,23 @@ class _JobsByPhase:
         yield family
 
 
+class _ApiRequests:
+    """`kubetune_api_requests_total`: requests the reconcilers sent (kopf's watch streams excluded)."""
+
+    def __init__(self, count: Callable[[], int]) -> None:
+        self._count = count
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "kubetune_api_requests", "Kubernetes API requests made by the reconcilers", value=self._count()
+        )
+
+
 class OperatorMetrics:
-    def __init__(self, phases: Callable[[], Iterable[str]]) -> None:
+    def __init__(self, phases: Callable[[], Iterable[str]], api_requests: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_JobsByPhase(phases))
+        self.registry.register(_ApiRequests(api_requests))
         r = self.registry
         self.preemptions = Counter(
             "kubetune_preemptions_total",

@@ -1,0 +1,196 @@
+"""Bench plumbing for the operator: the local control plane (hack/cluster.sh), the CRD, an operator
+process, and kwok GPU nodes sized for the run. Measurements only; nothing here asserts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(os.environ.get("KUBETUNE_BIN_DIR") or Path.home() / ".cache" / "kubetune" / "bin" / "current")
+KUBECONFIG = REPO / ".cluster" / "kubeconfig"
+
+
+def cluster_up() -> bool:
+    """Start the local cluster unless it runs; True when this call started it."""
+    if subprocess.run(["bash", "hack/cluster.sh", "status"], cwd=REPO, capture_output=True).returncode == 0:
+        return False
+    subprocess.run(["bash", "hack/cluster.sh", "up"], cwd=REPO, check=True, capture_output=True)
+    return True
+
+
+def cluster_down() -> None:
+    subprocess.run(["bash", "hack/cluster.sh", "down"], cwd=REPO, check=True, capture_output=True)
+
+
+def kubectl(*args: str, input: str | None = None) -> str:
+    cmd = [str(BIN / "kubectl"), "--kubeconfig", str(KUBECONFIG), *args]
+    return subprocess.run(cmd, input=input, capture_output=True, text=True, check=True).stdout
+
+
+def install_crd() -> None:
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "charts/kubetune/crds"))
+    kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, desc: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {desc}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Operator:
+    def __init__(self, namespace: str, log_path: Path, *extra: str) -> None:
+        self.metrics_port, self.health_port = free_port(), free_port()
+        cmd = [
+            sys.executable, "-m", "kubetune_operator", "--kubeconfig", str(KUBECONFIG),
+            "--namespace", namespace, "--leader-namespace", namespace,
+            "--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port),
+            "--trainer-image", "registry.invalid/kubetune/trainer:bench", *extra,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+        )
+        wait_until(self._healthy, 60, "operator /healthz")
+
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"operator exited with {self.proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def metrics(self) -> dict[str, float]:
+        """Plain samples by name+labels, as the exposition format spells them."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        out: dict[str, float] = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return out
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def kwok_gpu_nodes(prefix: str, count: int, gpus: int, pods: int) -> list[dict[str, Any]]:
+    res = {"cpu": "256", "memory": "2Ti", "pods": str(pods), "nvidia.com/gpu": str(gpus)}
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": f"{prefix}-{i}",
+                "annotations": {"kwok.x-k8s.io/node": "fake"},
+                "labels": {
+                    "kubernetes.io/hostname": f"{prefix}-{i}",
+                    "type": "kwok",
+                    "kubetune.io/bench": prefix,
+                },
+            },
+            "spec": {"taints": [{"key": "kubetune.io/bench", "value": prefix, "effect": "NoSchedule"}]},
+            "status": {"allocatable": res, "capacity": res},
+        }
+        for i in range(count)
+    ]
+
+
+def bench_job(name: str, node_prefix: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"name": "test_resnet", "numClasses": 10},
+            "data": {"format": "synthetic"},
+            "training": {"maxSteps": 100},
+            "metrics": {"port": 0},
+            "resources": {"gpus": 1},
+            "nodeSelector": {"kubetune.io/bench": node_prefix},
+            "tolerations": [
+                {
+                    "key": "kubetune.io/bench",
+                    "operator": "Equal",
+                    "value": node_prefix,
+                    "effect": "NoSchedule",
+                }
+            ],
+        },
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    idx = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[idx]
+
+
+def raw_watch(path: str, on_event: Callable[[str, dict[str, Any]], None], stop: Any) -> None:
+    """Stream watch events of `path` (e.g. /api/v1/namespaces/x/pods) as plain dicts until `stop` is set.
+
+    The typed client deserialises every event into model classes, which is too slow to timestamp
+    hundreds of events; this reads the JSON lines directly, reconnecting when the stream ends."""
+    import http.client
+    import json
+    import ssl
+
+    from kubernetes import client, config
+
+    cfg = client.Configuration()
+    config.load_kube_config(config_file=str(KUBECONFIG), client_configuration=cfg, persist_config=False)
+    ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
+    ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+    host = cfg.host.split("://", 1)[1]
+    while not stop.is_set():
+        conn = http.client.HTTPSConnection(host, context=ctx, timeout=30)
+        try:
+            conn.request("GET", f"{path}?watch=1&timeoutSeconds=25&allowWatchBookmarks=false")
+            resp = conn.getresponse()
+            while not stop.is_set():
+                line = resp.readline()
+                if not line:
+                    break
+                ev = json.loads(line)
+                on_event(ev["type"], ev["object"])
+        except (OSError, ValueError, http.client.HTTPException):
+            time.sleep(0.2)
+        finally:
+            conn.close()
