@@ -333,3 +333,11 @@ def test_dashboard_json_is_generated() -> None:
             for y in range(g["y"], g["y"] + g["h"]):
                 assert (x, y) not in cells, p["title"]
                 cells.add((x, y))
+
+
+@pytest.mark.parametrize(
+    "path", sorted((CHART.parents[1] / "examples").glob("helm-values-*.yaml")), ids=lambda p: p.name
+)
+def test_example_values_files_render(helm: Helm, path: Path) -> None:
+    objs = helm.template(yaml.safe_load(path.read_text()))
+    assert one(objs, "Deployment")["spec"]["replicas"] >= 1
