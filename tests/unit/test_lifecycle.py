@@ -153,7 +153,7 @@ def test_preemption_restarts_at_once_without_spending_the_failure_budget():
     assert pods_created(p) == ["demo-a2-0"]
     assert p.status["phase"] == "Restarting"
     assert p.status["lastDisruption"]["pod"] == "demo-a1-0"
-    ev = [e for e in p.events if e.reason == "Preempted"][0]
+    ev = next(e for e in p.events if e.reason == "Preempted")
     assert "demo-a1-0" in ev.message and "PreemptionByScheduler" in ev.message and "step 40" in ev.message
     assert p.preempted == "PreemptionByScheduler"
     # Replaying the same observation on the written status never counts twice.
