@@ -27,7 +27,7 @@ from torch import nn
 from kubetune_trainer import data as data_mod
 from kubetune_trainer import model as model_mod
 from kubetune_trainer import telemetry
-from kubetune_trainer.checkpoint import Checkpointer, Found, write_json_atomic
+from kubetune_trainer.checkpoint import Checkpointer, Found, ProgressFile
 from kubetune_trainer.config import ConfigError, JobConfig, resume_mismatch
 from kubetune_trainer.export import export_final
 
@@ -195,17 +195,6 @@ class Trainer:
         self.telemetry = telemetry.build(cfg, self.rt.rank)
 
     # -- resume --------------------------------------------------------------------------------------
-    def _progress_path(self) -> Path:
-        return self.root / "progress.json"
-
-    def _read_progress(self) -> dict[str, Any]:
-        try:
-            import json
-
-            doc: dict[str, Any] = json.loads(self._progress_path().read_text())
-            return doc
-        except (OSError, ValueError):
-            return {}
 
     def _find_checkpoint(self) -> Found | None:
         found = self.ckpt.find_latest_valid() if self.rt.rank == 0 else None
@@ -216,7 +205,12 @@ class Trainer:
         return found
 
     def _resume(self) -> None:
-        progress = self._read_progress()
+        self.progress = ProgressFile(self.root / "progress.json")
+        progress = self.progress.read() if self.rt.rank == 0 else {}
+        if self.rt.distributed:  # only rank 0 reads it (it may live on rank 0's volume alone)
+            box: list[Any] = [progress]
+            dist.broadcast_object_list(box, src=0)
+            progress = box[0]
         found = self._find_checkpoint()
         self.first_start = not progress and found is None
         self.lost_steps_total = int(progress.get("lostStepsTotal", 0))
@@ -312,9 +306,7 @@ class Trainer:
             "resumes": self.resumes,
             "lostStepsTotal": self.lost_steps_total,
         }
-        # Not fsynced: a killed process still leaves it in the page cache; only a node crash could lose the
-        # latest step, and then lost steps are under-reported, never wrong about the checkpoint.
-        write_json_atomic(self._progress_path(), doc, durable=False)
+        self.progress.write(doc)
 
     # -- the loop ------------------------------------------------------------------------------------
     def run(self) -> Outcome:
@@ -575,6 +567,8 @@ class Trainer:
             tele.finish(exit_code)
         with contextlib.suppress(Exception):
             self.ckpt.wait()
+        if hasattr(self, "progress"):
+            self.progress.close()
 
 
 def _new_run_id() -> str:
