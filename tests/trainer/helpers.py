@@ -124,16 +124,7 @@ def wait_for(cond: Callable[[], object], timeout: float, what: str, interval: fl
 
 
 def write_digits(root: Path, digits: range = range(10)) -> Path:
-    """scikit-learn's 8x8 digits as an ImageFolder of PNGs: <root>/<digit>/<index>.png."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
+    """scikit-learn's 8x8 digits as an ImageFolder of PNGs (see kubetune_trainer.digits)."""
+    from kubetune_trainer.digits import write_digits as write
 
-    ds = load_digits()
-    for i, (img, label) in enumerate(zip(ds.images, ds.target, strict=True)):
-        if label not in digits:
-            continue
-        folder = root / str(label)
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((img * (255 / 16)).astype(np.uint8), mode="L").save(folder / f"{i:04d}.png")
-    return root
+    return write(root, digits)

@@ -25,11 +25,12 @@ def termination_log_path() -> Path | None:
     return dev if dev.exists() and os.access(dev, os.W_OK) else None
 
 
-def report(outcome: dict[str, object], rank: int) -> None:
+def report(outcome: dict[str, object], rank: int, local_rank: int) -> None:
+    """One JSON line to the termination log (local rank 0 owns the pod's file) and to stderr."""
     line = json.dumps(outcome, sort_keys=False)
     path = termination_log_path()
-    if path is not None and rank > 0 and os.environ.get("KUBETUNE_TERMINATION_LOG"):
-        path = path.with_name(f"{path.name}.rank{rank}")  # local torchrun: ranks share one env
+    if path is not None and local_rank > 0:
+        path = path.with_name(f"{path.name}.rank{rank}")  # other processes of the same pod or machine
     if path is not None:
         try:
             path.write_text(line + "\n")
@@ -55,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from kubetune_trainer import loop  # after argparse, so --help stays fast
 
-    # SIGTERM only raises a flag: the loop finishes the step, checkpoints synchronously and exits 143.
-    signal.signal(signal.SIGTERM, lambda *_: loop.STOP.set())
+    # SIGTERM (and Ctrl-C) only raise a flag: the loop finishes the step, checkpoints and exits 143.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: loop.STOP.set())
     outcome = loop.Outcome("Error", 1)
     trainer = None
     rt = None
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             "message": outcome.message,
         },
         rt.rank if rt else 0,
+        rt.local_rank if rt else 0,
     )
     loop.shutdown_runtime(rt)
     return outcome.exit_code

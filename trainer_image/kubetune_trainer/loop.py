@@ -331,7 +331,7 @@ class Trainer:
             samples_done=self.step * self._global_batch(),
             resumes=self.resumes,
             lost_steps=self.lost_steps_total,
-            extra={"checkpoint_step": self.checkpoint_step or 0},
+            extra={"checkpoint_step": self.checkpoint_step or 0, "dir": str(self.root)},
         )
         self.telemetry.start(info)
         model_mod.set_train_mode(self.model, self.frozen)

@@ -24,9 +24,14 @@ class WandbTelemetry(Telemetry):
         self._pending: dict[str, float] = {}
 
     def start(self, info: RunInfo) -> None:
+        import os
+
         import wandb
 
         self._last = info.last_logged_step
+        # Offline files and wandb's own logs go to the checkpoint volume unless $WANDB_DIR says otherwise:
+        # the container's working directory may be read-only.
+        run_dir = os.environ.get("WANDB_DIR") or info.extra.get("dir")
         self.run = wandb.init(
             project=self.cfg.project,
             entity=self.cfg.entity,
@@ -36,6 +41,7 @@ class WandbTelemetry(Telemetry):
             name=self.cfg.runName or self.job,
             tags=list(self.cfg.tags),
             config=info.spec if info.first_start else None,
+            dir=run_dir,
         )
         log.info("W&B run %s (resumed from step %d)", info.run_id, info.start_step)
 
