@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kubeutil import BIN_DIR, REPO
+from kubeutil import BIN_DIR, REPO, NotYet, wait_for
 
 CHART = REPO / "charts" / "kubetune"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -124,7 +124,18 @@ def one(objs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 def crd(kube: Any) -> None:
     """The FineTuneJob CRD from charts/kubetune/crds/, applied and Established."""
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))
-    kube.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
+    wait_established(kube, "finetunejobs.kubetune.io")
+
+
+def wait_established(kube: Any, crd_name: str) -> None:
+    # Not `kubectl wait`: it errors out while a just-created CRD has no status.conditions yet.
+    jsonpath = '{.status.conditions[?(@.type=="Established")].status}'
+
+    def established() -> Any:
+        out = kube.kubectl("get", "crd", crd_name, "-o", f"jsonpath={jsonpath}", check=False).stdout
+        return out == "True" or NotYet(out)
+
+    wait_for(established, timeout=60, desc=f"CRD {crd_name} Established")
 
 
 @pytest.fixture(scope="session")
@@ -134,9 +145,7 @@ def monitoring_crds(kube: Any) -> None:
     as upstream does, so a server-side dry-run with strict field validation catches misspelt fields."""
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(FIXTURES / "monitoring-crds.yaml"))
     for plural in ("servicemonitors", "podmonitors", "prometheusrules"):
-        kube.kubectl(
-            "wait", "--for=condition=Established", f"crd/{plural}.monitoring.coreos.com", "--timeout=60s"
-        )
+        wait_established(kube, f"{plural}.monitoring.coreos.com")
 
 
 @pytest.fixture
