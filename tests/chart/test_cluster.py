@@ -4,7 +4,8 @@ What this proves and what it does not: kwok nodes fake the kubelet, so the opera
 deploys is admitted, scheduled and reported Running, but no container runs (the operator itself is run as
 a process in test_rbac.py and test_prometheus.py). The helm test pod is likewise never executed: the
 test plays the kubelet's part and reports it Succeeded, which proves the hook's admission, scheduling and
-helm's handling of it, not the check inside it (that needs the real-node issue, with the image built).
+helm's handling of it. The check inside it is run against a real operator in test_prometheus.py (as a
+local process; running it from the image needs the real-node issue, with the image built).
 """
 
 from __future__ import annotations

@@ -288,3 +288,28 @@ def check_alerts(prom: Prometheus) -> None:
         assert rule["type"] == "alerting"
         assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
         prom.query(rule["query"])
+
+
+def test_helm_test_check_passes_against_a_running_operator(
+    helm: Helm, operator: OperatorProcess, dcgm_standin: int
+) -> None:
+    """kwok never runs the helm test pod (test_cluster.py), so run its script here: against a real
+    operator's metrics endpoint it passes; against an endpoint without the operator's series it fails."""
+    objs = helm.template({}, "kt", "kubetune-system")
+    pod = next(
+        o for o in objs if o["kind"] == "Pod" and o["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    )
+    container = pod["spec"]["containers"][0]
+    assert container["command"] == ["python", "-c"]
+    script = container["args"][0]
+    service_url = "http://kt-kubetune.kubetune-system.svc:8080"
+    assert service_url in script
+
+    def run(port: int) -> subprocess.CompletedProcess[str]:
+        local = script.replace(service_url, f"http://127.0.0.1:{port}")
+        return subprocess.run([sys.executable, "-c", local], capture_output=True, text=True, timeout=120)
+
+    ok = run(operator.metrics_port)
+    assert ok.returncode == 0 and "ok:" in ok.stdout, ok.stdout + ok.stderr
+    bad = run(dcgm_standin)
+    assert bad.returncode == 1 and "lacks ['kubetune_jobs', 'kubetune_reconcile_seconds']" in bad.stderr
