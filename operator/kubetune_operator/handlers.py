@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
     """kopf and the controller use the same credentials (kubeconfig or in-cluster service account)."""
     cfg = load_configuration(memo.options.kubeconfig)
-    header = str(cfg.get_api_key_with_prefix("authorization") or "")
+    header = str(
+        cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization") or ""
+    )
     scheme, _sep, value = header.partition(" ")
     return kopf.ConnectionInfo(
         server=cfg.host,

@@ -102,7 +102,11 @@ class Kube:
             "Accept": "application/json",
             "User-Agent": "kubetune-operator",
         }
-        token = self._cfg.get_api_key_with_prefix("authorization")
+        # kubernetes' loaders keep "Bearer <token>" under "BearerToken" (older releases: "authorization");
+        # the in-cluster refresh hook re-reads rotated service-account tokens on each call.
+        token = self._cfg.get_api_key_with_prefix("BearerToken") or self._cfg.get_api_key_with_prefix(
+            "authorization"
+        )
         if token:
             headers["Authorization"] = token
         return headers

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import secrets
 from pathlib import Path
@@ -107,23 +106,6 @@ def sends_token(kubeconfig: Path) -> bool:
     return "Authorization" in Kube(load_configuration(str(kubeconfig)))._headers("application/json")
 
 
-# Workaround for the bug test_operator_client_sends_a_bearer_token shows, used only while it is present:
-# kubernetes>=3x stores kubeconfig and in-cluster tokens under api_key["BearerToken"], and kube.py /
-# handlers.py read api_key["authorization"], so the operator calls the API anonymously.
-TOKEN_SHIM = """
-from kubernetes.client import configuration as _c
-
-_get = _c.Configuration.get_api_key_with_prefix
-
-
-def _with_bearer(self, identifier, alias=None):
-    return _get(self, identifier, alias) or (_get(self, "BearerToken") if identifier == "authorization" else None)
-
-
-_c.Configuration.get_api_key_with_prefix = _with_bearer
-"""
-
-
 def report(reason: str, step: int, ckpt: int, total: int = 100) -> str:
     """The trainer's termination message (see tests/controller)."""
     return json.dumps(
@@ -135,7 +117,7 @@ def report(reason: str, step: int, ckpt: int, total: int = 100) -> str:
 @pytest.mark.parametrize("scope", ["namespaced", "clusterwide"])
 def test_operator_runs_with_the_chart_service_account(
     kube: Any, helm: Helm, crd: None, namespace: str, extra_namespaces: Any, api_client: Any, core_v1: Any,
-    kwok_node: Any, bound_volume: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scope: str,
+    kwok_node: Any, bound_volume: Any, tmp_path: Path, scope: str,
 ) -> None:  # fmt: skip
     release = f"kt{secrets.token_hex(3)}"
     fullname = f"{release}-kubetune"
@@ -165,13 +147,7 @@ def test_operator_runs_with_the_chart_service_account(
 
         # 2. The operator with that token: job -> pod -> eviction -> replacement -> success.
         kubeconfig = token_kubeconfig(kube, namespace, fullname, tmp_path / "sa.kubeconfig")
-        if not sends_token(kubeconfig):
-            shim = tmp_path / "shim"
-            shim.mkdir()
-            (shim / "sitecustomize.py").write_text(TOKEN_SHIM)
-            monkeypatch.setenv(
-                "PYTHONPATH", os.pathsep.join(filter(None, [str(shim), os.environ.get("PYTHONPATH")]))
-            )
+        assert sends_token(kubeconfig), "the operator must authenticate with the ServiceAccount's token"
         op = OperatorProcess(
             kubeconfig, namespace, tmp_path / "operator.log", "--leader-name", fullname
         ).start()
@@ -244,12 +220,6 @@ def scenario(kube: Any, api_client: Any, core_v1: Any, ns: str, lease: str, node
 
 
 @pytest.mark.unit
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (operator/kubetune_operator/kube.py:105, handlers.py:29): the token is read from "
-    "api_key['authorization'] but kubernetes' loaders store it under api_key['BearerToken'], so the "
-    "in-cluster operator calls the API as system:anonymous. Remove this marker with the fix.",
-)
 def test_operator_client_sends_a_bearer_token(tmp_path: Path) -> None:
     """A kubeconfig with a token (what `kubectl create token` gives, and what in-cluster config loads)."""
     config = {

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubeutil import wait_for
 from opkit import CRD_DIR, OperatorProcess
 
 
@@ -15,7 +16,16 @@ from opkit import CRD_DIR, OperatorProcess
 def crd(kube: Any) -> None:
     """The FineTuneJob CRD from charts/kubetune/crds/, applied and Established."""
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_DIR))
-    kube.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
+
+    # `kubectl wait --for=condition=Established` errors out while the new CRD has no conditions yet.
+    def established() -> bool:
+        out = kube.kubectl(
+            "get", "crd", "finetunejobs.kubetune.io", "-o",
+            'jsonpath={.status.conditions[?(@.type=="Established")].status}', check=False,
+        ).stdout  # fmt: skip
+        return out.strip() == "True"
+
+    wait_for(established, timeout=60, desc="CRD finetunejobs.kubetune.io Established")
 
 
 @pytest.fixture
