@@ -16,14 +16,17 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("KUBETUNE_BIN_DIR") or Path.home() / ".cache" / "kubetune" / "bin" / "current")
-KUBECONFIG = REPO / ".cluster" / "kubeconfig"
+# The same variables hack/cluster.sh reads, so a bench can run on its own cluster beside the shared one.
+KUBECONFIG = Path(os.environ.get("KUBETUNE_CLUSTER_DIR") or REPO / ".cluster") / "kubeconfig"
 
 
 def cluster_up() -> bool:
     """Start the local cluster unless it runs; True when this call started it."""
     if subprocess.run(["bash", "hack/cluster.sh", "status"], cwd=REPO, capture_output=True).returncode == 0:
         return False
-    subprocess.run(["bash", "hack/cluster.sh", "up"], cwd=REPO, check=True, capture_output=True)
+    up = subprocess.run(["bash", "hack/cluster.sh", "up"], cwd=REPO, capture_output=True, text=True)
+    if up.returncode != 0:
+        raise RuntimeError(f"hack/cluster.sh up failed:\n{up.stderr[-3000:]}")
     return True
 
 

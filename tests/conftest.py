@@ -179,6 +179,7 @@ def namespace(request: pytest.FixtureRequest, api_client: Any) -> Iterator[str]:
     service-account controller has created the ``default`` ServiceAccount, so pods can be created."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
+
     from kubeutil import wait_for
 
     core = client.CoreV1Api(api_client)
@@ -213,6 +214,7 @@ def kwok_node(core_v1: Any) -> Iterator[Any]:
     in with ``kubeutil.dedicated_toleration(name)``) and is deleted after the test, so tests that fill,
     drain or delete a node never disturb the shared ones."""
     from kubernetes.client.exceptions import ApiException
+
     from kubeutil import create_kwok_node, delete_node_if_exists
 
     created: list[str] = []

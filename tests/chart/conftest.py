@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from kubeutil import BIN_DIR, REPO, NotYet, wait_for
 
 CHART = REPO / "charts" / "kubetune"

@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import CHART, VALUE_SETS, Helm
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+
+from conftest import CHART, VALUE_SETS, Helm
 from kubetune_operator import builders
 from kubetune_operator.api import parse_job
 from kubeutil import NotYet, patch_pod_terminated, wait_for

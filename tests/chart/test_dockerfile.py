@@ -11,6 +11,7 @@ import sys
 import tomllib
 
 import pytest
+
 from kubeutil import REPO
 
 pytestmark = pytest.mark.unit

@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from conftest import Helm
 from kubeutil import REPO, NotYet, dedicated_toleration, patch_pod_terminated, wait_for
 from opkit import OperatorProcess, apply, free_port, job_manifest

@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import CHART, Helm
 from kubernetes import client
+
+from conftest import CHART, Helm
 from kubeutil import NotYet, dedicated_toleration, patch_pod_terminated, wait_for
 from opkit import OperatorProcess, apply, job_manifest
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from conftest import CHART, KUBE_VERSION, VALUE_SETS, Helm, by_kind, one
 from kubetune_operator import builders
 from kubetune_operator.api import parse_job

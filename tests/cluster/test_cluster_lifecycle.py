@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from kubeutil import BIN_DIR, CLUSTER_SH, process_alive, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client
+
 from kubeutil import (
     GPU,
     SPOT_TOLERATION,

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from kubeutil import NotYet, wait_for
 
 pytestmark = pytest.mark.cluster

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from kubeutil import wait_for
 from opkit import CRD_DIR, OperatorProcess
 

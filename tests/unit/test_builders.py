@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+
 from kubetune_operator import builders
 from kubetune_operator.api import SpecError, parse_job
 

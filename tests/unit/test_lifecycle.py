@@ -6,6 +6,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+
 from kubetune_operator import lifecycle as lc
 from kubetune_operator.api import parse_job
 from kubetune_operator.status import status_patch

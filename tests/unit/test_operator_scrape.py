@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 
 import pytest
 from kubernetes import client as k8s_client
+
 from kubetune_operator import lifecycle
 from kubetune_operator.api import parse_job
 from kubetune_operator.controller import Controller, ControllerConfig
