@@ -148,13 +148,19 @@ build_kwok() {
 }
 
 build_helm() {
-  local out="$BIN/helm-$HELM_VERSION"
+  # The directory names the Kubernetes minor helm assumes offline (helm template / lint), so changing
+  # it rebuilds. Without these ldflags helm assumes v1.20 and rejects the chart's kubeVersion.
+  local k8s_minor=${K8S_VERSION#v1.}
+  k8s_minor=${k8s_minor%%.*}
+  local out="$BIN/helm-$HELM_VERSION-k8s1.$k8s_minor"
   if ! built "$out" helm; then
     log "building helm $HELM_VERSION"
     local t0=$SECONDS
     mkdir -p "$out"
     GOBIN="$out" go install -p "$JOBS" -trimpath \
-      -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" \
+      -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean \
+        -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$k8s_minor \
+        -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$k8s_minor" \
       "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
     log "built helm in $((SECONDS - t0))s"
   fi
