@@ -48,8 +48,9 @@ class BareLoop:
     def __init__(self) -> None:
         import timm
         import torch
-        from kubetune_trainer.data import SyntheticDataset
         from torch.utils.data import DataLoader
+
+        from kubetune_trainer.data import SyntheticDataset
 
         self.torch = torch
         data = SyntheticDataset(list(range(BATCH * (STEPS + 2))), 10, IMAGE, 0)
@@ -69,7 +70,7 @@ class BareLoop:
 
 
 def paired_round(workdir: Path) -> tuple[float, float]:
-    """One kubetune step, one bare step, alternately, so bursts of machine load hit both sides alike.
+    """One kubetune step, one bare step, alternately (ABBA), so bursts of machine load hit both sides alike.
     Returns (kubetune steps/s, bare steps/s) over the steady-state window."""
     from kubetune_trainer import loop
     from kubetune_trainer.config import parse_spec
@@ -78,14 +79,16 @@ def paired_round(workdir: Path) -> tuple[float, float]:
     bare = BareLoop()
     steps = trainer.steps()
     kt_times, bare_times = [], []
-    for _ in range(STEPS):
-        t0 = time.perf_counter()
-        next(steps)  # includes the step-boundary work of the previous step: poll, async save start
-        t1 = time.perf_counter()
-        bare.step()
-        t2 = time.perf_counter()
-        kt_times.append(t1 - t0)
-        bare_times.append(t2 - t1)
+    for i in range(STEPS):
+        # ABBA order: whichever side runs second in a pair may pay for the first one's cache footprint.
+        for side in ("kt", "bare") if i % 2 == 0 else ("bare", "kt"):
+            t0 = time.perf_counter()
+            if side == "kt":
+                next(steps)  # includes the previous step's boundary work: poll, async save start
+                kt_times.append(time.perf_counter() - t0)
+            else:
+                bare.step()
+                bare_times.append(time.perf_counter() - t0)
     for _ in steps:  # finish: final eval, final checkpoint, export (not timed)
         pass
     trainer.close(0)

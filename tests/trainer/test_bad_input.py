@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from kubetune_trainer import cli
 
 from .helpers import Job, tiny_spec, write_digits

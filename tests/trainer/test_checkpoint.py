@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from kubetune_trainer.checkpoint import Checkpointer, CheckpointError
 from kubetune_trainer.config import CheckpointConfig
 

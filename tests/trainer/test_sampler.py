@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kubetune_trainer.data import ResumableBatchSampler, seeded_split
 
 pytestmark = pytest.mark.unit

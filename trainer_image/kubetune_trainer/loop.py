@@ -11,7 +11,6 @@ import contextlib
 import logging
 import math
 import os
-import random
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -29,29 +27,21 @@ from kubetune_trainer import model as model_mod
 from kubetune_trainer import telemetry
 from kubetune_trainer.checkpoint import Checkpointer, Found, ProgressFile
 from kubetune_trainer.config import ConfigError, JobConfig, resume_mismatch
+from kubetune_trainer.evaluate import evaluate
 from kubetune_trainer.export import export_final
+from kubetune_trainer.runtime import (
+    Runtime,
+    init_runtime,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    shutdown_runtime,
+)
 
 log = logging.getLogger(__name__)
 
 STOP = threading.Event()
 """Set by the SIGTERM handler; the loop checks it (all-reduced across ranks) after every step."""
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where the process runs: rank, world, device, labels from the environment."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: str = "cpu"
-    job: str = "local"
-    namespace: str = "default"
-    run_id: str | None = None
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
 
 @dataclass
@@ -79,33 +69,6 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     if kind == "step":
         return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
     return 1.0
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-
-
-def rng_state() -> dict[str, Any]:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Trainer:
@@ -468,35 +431,18 @@ class Trainer:
             return ema_module
         return model_mod.unwrap(self.model)
 
-    @torch.no_grad()
     def _evaluate(self) -> None:
         if self.data.val is None or self.eval_step == self.step:
             return
-        net = self._eval_model()
-        net.eval()
-        idx = data_mod.eval_indices(len(self.data.val), self.rt.rank, self.rt.world_size)  # type: ignore[arg-type]
-        bs = self.cfg.training.batchSize
-        batches = [idx[i : i + bs] for i in range(0, len(idx), bs)]
-        loader = data_mod.make_loader(self.data.val, batches, self.cfg.data.numWorkers, 0)  # type: ignore[arg-type]
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, count
-        k = min(5, self.num_classes)
-        for x, y in loader:
-            x, y = x.to(self.device), y.to(self.device)
-            with self._autocast():
-                out = net(x)
-            sums[0] += nn.functional.cross_entropy(out.float(), y, reduction="sum").double()
-            top = out.topk(k, dim=1).indices
-            sums[1] += (top[:, 0] == y).sum()
-            sums[2] += (top == y[:, None]).any(dim=1).sum()
-            sums[3] += y.numel()
-        if self.rt.distributed:
-            dist.all_reduce(sums)
-        n = max(1.0, float(sums[3]))
-        result = {
-            "eval_loss": float(sums[0]) / n,
-            "eval_top1": float(sums[1]) / n,
-            "eval_top5": float(sums[2]) / n,
-        }
+        t = self.cfg
+        result = evaluate(
+            self._eval_model(),
+            self.data.val,
+            self.rt,
+            t.training.batchSize,
+            t.data.numWorkers,
+            self._autocast,
+        )
         self.metrics.update(result)
         self.eval_step = self.step
         log.info(
@@ -571,32 +517,8 @@ class Trainer:
             self.progress.close()
 
 
+__all__ = ["STOP", "Outcome", "Runtime", "Trainer", "init_runtime", "lr_factor", "shutdown_runtime"]
+
+
 def _new_run_id() -> str:
     return os.urandom(4).hex()
-
-
-def init_runtime() -> Runtime:
-    """Rank/world from torchrun's environment; joins the process group (gloo on CPU, nccl on GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    if cuda:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
-        torch.cuda.set_device(local_rank)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return Runtime(
-        rank=rank,
-        world_size=world,
-        local_rank=local_rank,
-        device=f"cuda:{local_rank}" if cuda else "cpu",
-        job=os.environ.get("KUBETUNE_JOB", "local"),
-        namespace=os.environ.get("KUBETUNE_NAMESPACE", "default"),
-        run_id=os.environ.get("KUBETUNE_RUN_ID") or None,
-    )
-
-
-def shutdown_runtime(rt: Runtime | None) -> None:
-    if rt is not None and rt.distributed and dist.is_initialized():
-        dist.destroy_process_group()

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kubetune_trainer.config import ConfigError, ModelConfig
 from torch import nn
+
+from kubetune_trainer.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 
