@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-MODEL, IMAGE, BATCH, STEPS, WARMUP, ROUNDS, EVERY = "resnet18", 32, 32, 100, 10, 3, 50
+MODEL, IMAGE, BATCH, STEPS, WARMUP, ROUNDS, EVERY = "resnet18", 32, 32, 80, 10, 3, 50
 
 
 def _free_port() -> int:
