@@ -219,16 +219,25 @@ nodes_ready() {
 
 # ---------------------------------------------------------------- commands
 
+# The real node (kubelet + containerd, hack/real-node.sh): started when KUBETUNE_REAL_NODE=1, always
+# stopped by `down` (a no-op when it never ran).
+real_node() {
+  [[ $1 == down || ${KUBETUNE_REAL_NODE:-0} == 1 ]] || return 0
+  KUBETUNE_CLUSTER_DIR=$DIR bash "$HACK/real-node.sh" "$1"
+}
+
 up() {
   local t0=$SECONDS
   if healthy; then
     log "already up ($DIR)"
+    real_node up
     echo "export KUBECONFIG=$KUBECONFIG_PATH"
     return 0
   fi
   # Anything left from a crashed or half-started run: stop what we started, then start clean.
   if compgen -G "$DIR/pids/*.pid" >/dev/null; then
     log "cleaning up a previous run in $DIR"
+    real_node down
     stop_all
   fi
   rm -rf "${DIR:?}"/{ready,etcd,pki,logs,pids,kubeconfig,*.kubeconfig}
@@ -244,6 +253,9 @@ up() {
     }
   done
   gen_pki
+  # A real kubelet reports its node name as a Hostname address, which does not resolve here.
+  [[ ${KUBETUNE_REAL_NODE:-0} != 1 ]] ||
+    KUBETUNE_EXTRA_ARGS_KUBE_APISERVER="--kubelet-preferred-address-types=InternalIP,Hostname ${KUBETUNE_EXTRA_ARGS_KUBE_APISERVER:-}"
 
   start etcd --name kubetune --data-dir "$DIR/etcd" \
     --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
@@ -295,6 +307,7 @@ up() {
 
   kc apply -f "$HACK/k8s/storageclass.yaml" -f "$HACK/k8s/nodes.yaml" >/dev/null
   wait_until kwok nodes_ready
+  real_node up || { stop_all; exit 1; }
 
   touch "$DIR/ready"
   log "up in $((SECONDS - t0))s: apiserver https://127.0.0.1:$API_PORT, state in $DIR"
@@ -303,6 +316,7 @@ up() {
 }
 
 down() {
+  real_node down
   stop_all
   rm -rf "${DIR:?}"/{ready,etcd,pki,logs,pids,kubeconfig,*.kubeconfig}
   rmdir "$DIR" 2>/dev/null || true

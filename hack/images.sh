@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Container images for the real node, with no registry and no Docker engine:
+#
+#   base      kubetune/base:bookworm-py311 from debootstrap (Debian bookworm minbase + python3.11,
+#             python3-venv, python-is-python3, tini, ca-certificates): the stand-in for
+#             python:3.11-slim-bookworm, passed to both Dockerfiles as --build-arg BASE_IMAGE.
+#   wheels    a wheelhouse of every wheel the two images install (torch included), pinned to the
+#             versions in .venv (so the in-cluster trainer computes bit for bit what the host one
+#             does), downloaded once from PyPI into ~/.cache/kubetune/wheels.
+#   operator  buildah build of ./Dockerfile          -> kubetune.local/kubetune-operator:dev
+#   trainer   buildah build of trainer_image/Dockerfile -> kubetune.local/kubetune-trainer:dev
+#   import    push each image to a docker-archive and `ctr images import` it into the real node's
+#             containerd (namespace k8s.io), where pods use it with imagePullPolicy: Never.
+#
+#   hack/images.sh [all|base|wheels|operator|trainer|import]...   (default: all)
+#
+# Both Dockerfiles install with `pip --no-cache-dir`, so a pip cache mount would stay empty. Instead
+# the build mounts the wheelhouse and a pip.conf (no-index, find-links) into every RUN step: torch is
+# downloaded once per machine and never reaches an image layer twice. Neither mount is committed, so
+# the images are the ones `docker build` makes. buildah's layer cache (--layers) makes a rebuild with
+# an unchanged context take seconds. Timings of the last run: ~/.cache/kubetune/images/timings.log.
+#
+# Environment: KUBETUNE_IMAGE_TAG (default dev), KUBETUNE_CLUSTER_DIR (to find the node's containerd).
+set -euo pipefail
+shopt -s inherit_errexit
+
+HACK=$(cd "$(dirname "$0")" && pwd)
+REPO=$(dirname "$HACK")
+CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/kubetune
+IMAGES=$CACHE/images
+WHEELS=$CACHE/wheels
+TAG=${KUBETUNE_IMAGE_TAG:-dev}
+BASE_IMAGE=localhost/kubetune/base:bookworm-py311
+OPERATOR_IMAGE=kubetune.local/kubetune-operator:$TAG
+TRAINER_IMAGE=kubetune.local/kubetune-trainer:$TAG
+SUITE=bookworm
+MIRROR=${KUBETUNE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+BASE_PACKAGES=python3.11,python3-venv,python-is-python3,tini,ca-certificates
+SOCK=$(bash "$HACK/real-node.sh" env | sed -n 's/^KUBETUNE_CRI_SOCKET=//p')
+
+log() { printf '[images] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+timed() { # timed <label> <command...>: run, log and record the wall time
+  local label=$1 t0=$SECONDS; shift
+  "$@"
+  log "$label: $((SECONDS - t0))s"
+  printf '%s %s %ss\n' "$(date -u +%FT%TZ)" "$label" "$((SECONDS - t0))" >>"$IMAGES/timings.log"
+}
+has_image() { buildah images -q "$1" >/dev/null 2>&1; }
+
+base() {
+  local stamp want=$SUITE:$BASE_PACKAGES
+  stamp=$(cat "$IMAGES/base.stamp" 2>/dev/null || true)
+  if has_image "$BASE_IMAGE" && [[ $stamp == "$want" ]]; then log "base: $BASE_IMAGE is current"; return; fi
+  local rootfs=$IMAGES/rootfs
+  if [[ ! -f $IMAGES/rootfs.tar || $stamp != "$want" ]]; then
+    rm -rf "$rootfs"
+    debootstrap --variant=minbase --include="$BASE_PACKAGES" "$SUITE" "$rootfs" "$MIRROR" >"$IMAGES/debootstrap.log" 2>&1 ||
+      { tail -20 "$IMAGES/debootstrap.log" >&2; die "debootstrap failed (log: $IMAGES/debootstrap.log)"; }
+    # What python:*-slim leaves out too: package caches, lists, docs, man pages.
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
+      "$rootfs"/usr/share/{doc,man,info}/* "$rootfs"/var/log/*.log "$rootfs"/var/cache/debconf/*-old
+    tar --numeric-owner -C "$rootfs" -cf "$IMAGES/rootfs.tar.tmp" .
+    mv "$IMAGES/rootfs.tar.tmp" "$IMAGES/rootfs.tar"
+    rm -rf "$rootfs"
+  fi
+  local c
+  c=$(buildah from scratch)
+  buildah add "$c" "$IMAGES/rootfs.tar" / >/dev/null
+  buildah config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    --env LANG=C.UTF-8 --cmd python3 \
+    --label org.opencontainers.image.description="Debian $SUITE minbase + Python 3.11 (debootstrap; kubetune local base)" "$c"
+  buildah commit -q --rm "$c" "$BASE_IMAGE" >/dev/null
+  echo "$want" >"$IMAGES/base.stamp"
+  log "base: built $BASE_IMAGE"
+}
+
+wheels() {
+  # The versions the host .venv runs: the in-cluster trainer must compute exactly what it does.
+  local venv=$REPO/.venv
+  [[ -x $venv/bin/pip ]] || die "no $venv: run make setup"
+  mkdir -p "$WHEELS"
+  "$venv/bin/pip" freeze --exclude-editable | grep -v '^kubetune' >"$WHEELS.constraints.new"
+  if cmp -s "$WHEELS.constraints.new" "$WHEELS.constraints.txt" && [[ -f $WHEELS/.complete ]]; then
+    rm -f "$WHEELS.constraints.new"; log "wheels: current ($(du -sh "$WHEELS" | cut -f1))"; return
+  fi
+  mv "$WHEELS.constraints.new" "$WHEELS.constraints.txt"
+  rm -f "$WHEELS/.complete"
+  # Everything `pip install .[operator]` / `.[trainer]` and `python -m build` need, offline after this.
+  # The host is the image's platform (Linux x86_64, CPython 3.11).
+  "$venv/bin/pip" download -q -d "$WHEELS" -c "$WHEELS.constraints.txt" --only-binary=:all: \
+    "$REPO[operator,trainer]" build 'setuptools>=68' wheel pip
+  rm -f "$WHEELS"/kubetune-*.whl
+  touch "$WHEELS/.complete"
+  log "wheels: $(ls "$WHEELS" | wc -l) files, $(du -sh "$WHEELS" | cut -f1)"
+}
+
+build() { # build <image> <dockerfile>
+  local image=$1 dockerfile=$2
+  has_image "$BASE_IMAGE" || die "no $BASE_IMAGE: run hack/images.sh base"
+  [[ -f $WHEELS/.complete ]] || die "no wheelhouse: run hack/images.sh wheels"
+  printf '[global]\nno-index = true\nfind-links = /wheelhouse\n' >"$IMAGES/pip.conf"
+  # --isolation chroot + host network: RUN steps need no netns/CNI of their own (apt-get in the
+  # trainer Dockerfile reaches the Debian mirror). The volumes exist only while RUN steps run.
+  buildah build --layers --isolation chroot --network host --pull=false \
+    --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+    --volume "$WHEELS:/wheelhouse:ro" --volume "$IMAGES/pip.conf:/etc/pip.conf:ro" \
+    -f "$REPO/$dockerfile" -t "$image" "$REPO" >"$IMAGES/build-$(basename "${image%%:*}").log" 2>&1 ||
+    { tail -30 "$IMAGES/build-$(basename "${image%%:*}").log" >&2; die "build of $image failed"; }
+  log "$image: $(buildah images --format '{{.Size}}' "$image" | head -1)"
+}
+
+import_one() { # import_one <image>: into the real node's containerd unless it has this image ID
+  local image=$1 id have tar
+  [[ -S $SOCK ]] || die "the real node's containerd is not running ($SOCK): KUBETUNE_REAL_NODE=1 make cluster-up"
+  id=$(buildah inspect --type image --format '{{.FromImageID}}' "$image" 2>/dev/null || buildah images -q --no-trunc "$image" | head -1)
+  id=${id#sha256:}
+  have=$(ctr --address "$SOCK" -n k8s.io images ls -q "name==docker.io/$image" 2>/dev/null || true)
+  if [[ -n $have ]] && ctr --address "$SOCK" -n k8s.io images ls "name==docker.io/$image" | grep -q "$id" 2>/dev/null; then
+    log "import: $image already in containerd"; return
+  fi
+  tar=$IMAGES/import-$$.tar
+  buildah push -q "$image" "docker-archive:$tar:$image"
+  ctr --address "$SOCK" -n k8s.io images import "$tar" >/dev/null
+  rm -f "$tar"
+  log "import: $image"
+}
+
+import() {
+  local i
+  for i in "$BASE_IMAGE" "$OPERATOR_IMAGE" "$TRAINER_IMAGE"; do
+    has_image "$i" && import_one "${i#localhost/}"
+  done
+}
+
+mkdir -p "$IMAGES"
+(($#)) || set -- all
+for step in "$@"; do
+  case $step in
+  base) timed base base ;;
+  wheels) timed wheels wheels ;;
+  operator) timed "build operator" build "$OPERATOR_IMAGE" Dockerfile ;;
+  trainer) timed "build trainer" build "$TRAINER_IMAGE" trainer_image/Dockerfile ;;
+  import) timed import import ;;
+  all)
+    timed base base; timed wheels wheels
+    timed "build operator" build "$OPERATOR_IMAGE" Dockerfile
+    timed "build trainer" build "$TRAINER_IMAGE" trainer_image/Dockerfile
+    timed import import ;;
+  *) die "unknown step $step (all|base|wheels|operator|trainer|import)" ;;
+  esac
+done
