@@ -134,7 +134,39 @@ def kwok_gpu_nodes(prefix: str, count: int, gpus: int, pods: int) -> list[dict[s
     ]
 
 
-def bench_job(name: str, node_prefix: str) -> dict[str, Any]:
+def shared_claim(namespace: str, name: str = "shared-ckpt") -> list[dict[str, Any]]:
+    """A pre-bound PV + RWX claim for jobs that use `checkpoint.existingClaim` (kwok mounts nothing)."""
+    pv = f"{namespace}-{name}"
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": pv},
+            "spec": {
+                "capacity": {"storage": "1Ti"},
+                "accessModes": ["ReadWriteMany"],
+                "persistentVolumeReclaimPolicy": "Delete",
+                "storageClassName": "",
+                "hostPath": {"path": f"/tmp/kubetune-bench/{pv}"},
+                "claimRef": {"namespace": namespace, "name": name},
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "volumeName": pv,
+                "resources": {"requests": {"storage": "1Ti"}},
+            },
+        },
+    ]
+
+
+def bench_job(name: str, node_prefix: str, existing_claim: str | None = None) -> dict[str, Any]:
+    checkpoint = {"existingClaim": existing_claim} if existing_claim else {}
     return {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "FineTuneJob",
@@ -143,6 +175,7 @@ def bench_job(name: str, node_prefix: str) -> dict[str, Any]:
             "model": {"name": "test_resnet", "numClasses": 10},
             "data": {"format": "synthetic"},
             "training": {"maxSteps": 100},
+            "checkpoint": checkpoint,
             "metrics": {"port": 0},
             "resources": {"gpus": 1},
             "nodeSelector": {"kubetune.io/bench": node_prefix},
@@ -192,6 +225,8 @@ def raw_watch(path: str, on_event: Callable[[str, dict[str, Any]], None], stop: 
                 if not line:
                     break
                 ev = json.loads(line)
+                if ev.get("type") == "ERROR":  # e.g. 410 Gone: reconnect and re-list
+                    break
                 on_event(ev["type"], ev["object"])
         except (OSError, ValueError, http.client.HTTPException):
             time.sleep(0.2)
