@@ -110,19 +110,24 @@ build() { # build <image> <dockerfile>
   log "$image: $(buildah images --format '{{.Size}}' "$image" | head -1)"
 }
 
-import_one() { # import_one <image>: into the real node's containerd unless it has this image ID
-  local image=$1 id have tar
+import_one() { # import_one <image>: into the real node's containerd unless this image ID is there already
+  local image=$1 id name stamp tar
   [[ -S $SOCK ]] || die "the real node's containerd is not running ($SOCK): KUBETUNE_REAL_NODE=1 make cluster-up"
-  id=$(buildah inspect --type image --format '{{.FromImageID}}' "$image" 2>/dev/null || buildah images -q --no-trunc "$image" | head -1)
-  id=${id#sha256:}
-  have=$(ctr --address "$SOCK" -n k8s.io images ls -q "name==docker.io/$image" 2>/dev/null || true)
-  if [[ -n $have ]] && ctr --address "$SOCK" -n k8s.io images ls "name==docker.io/$image" | grep -q "$id" 2>/dev/null; then
+  id=$(buildah images -q --no-trunc "$image" | head -1)
+  # containerd's name: a first component without a dot is a Docker Hub name.
+  name=$image; [[ ${image%%/*} == *.* ]] || name=docker.io/$image
+  # The image store outlives the cluster (KUBETUNE_CONTAINERD_ROOT), so an unchanged image is not
+  # pushed and imported again (seconds instead of minutes for the trainer).
+  stamp=$IMAGES/imported/${name//\//_}
+  if [[ $(cat "$stamp" 2>/dev/null) == "$id" ]] &&
+    ctr --address "$SOCK" -n k8s.io images ls -q "name==$name" 2>/dev/null | grep -qxF "$name"; then
     log "import: $image already in containerd"; return
   fi
   tar=$IMAGES/import-$$.tar
   buildah push -q "$image" "docker-archive:$tar:$image"
   ctr --address "$SOCK" -n k8s.io images import "$tar" >/dev/null
   rm -f "$tar"
+  mkdir -p "$IMAGES/imported"; echo "$id" >"$stamp"
   log "import: $image"
 }
 

@@ -1,0 +1,595 @@
+"""The end-to-end scenario on the real node, shared by tests/e2e, `make demo` and bench/e2e_recovery.
+
+A local control plane plus one real node (kubelet + containerd, hack/real-node.sh), the images built from
+the repository's Dockerfiles (hack/images.sh), the chart installed with helm (the operator runs as a pod
+from its image), a FineTuneJob on scikit-learn's digits, and real disruptions of the trainer pod while it
+trains: scheduler preemption, an Eviction, a plain delete, or a SIGKILL of the container from the host.
+Each step is a small function of `Env`; `Timeline` records when each disruption happened and when the
+next attempt got through each stage of its start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes import client, config
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kubetune"
+BIN = Path(os.environ.get("KUBETUNE_BIN_DIR", CACHE / "bin" / "current"))
+GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
+OPERATOR_IMAGE = "kubetune.local/kubetune-operator"
+TRAINER_IMAGE = "kubetune.local/kubetune-trainer"
+IMAGE_TAG = os.environ.get("KUBETUNE_IMAGE_TAG", "dev")
+REAL_NODE = "kubetune-real-0"
+RELEASE, OPERATOR_NS = "kubetune", "kubetune-system"
+HIGH_PRIORITY = "kubetune-e2e-high"
+LABEL_JOB = "kubetune.io/job-name"
+LABEL_ATTEMPT = "kubetune.io/attempt"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where the scenario's own cluster lives: apart from the default .cluster/ that other test sessions use."""
+
+    dir: Path = Path(os.environ.get("KUBETUNE_E2E_CLUSTER_DIR", "/tmp/kubetune-e2e"))
+    api_port: int = int(os.environ.get("KUBETUNE_E2E_APISERVER_PORT", "6543"))
+    port_base: int = int(os.environ.get("KUBETUNE_E2E_PORT_BASE", "24790"))
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.dir / "kubeconfig"
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "KUBETUNE_CLUSTER_DIR": str(self.dir),
+            "KUBETUNE_APISERVER_PORT": str(self.api_port),
+            "KUBETUNE_PORT_BASE": str(self.port_base),
+            "KUBETUNE_REAL_NODE": "1",
+            "KUBECONFIG": str(self.kubeconfig),
+        }
+
+    def sh(self, *argv: str, timeout: float = 3600, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            list(argv), env=self.env(), cwd=REPO, text=True, capture_output=True, timeout=timeout, check=check
+        )
+
+    def up(self) -> None:
+        self.sh("bash", "hack/cluster.sh", "up", timeout=300)
+
+    def down(self) -> None:
+        self.sh("bash", "hack/cluster.sh", "down", timeout=300, check=False)
+
+    def images(self) -> str:
+        """Build (cached) and import both images; returns the script's log lines (timings)."""
+        return self.sh("bash", "hack/images.sh", "all", timeout=3600).stderr
+
+    def kubectl(self, *args: str, timeout: float = 120) -> str:
+        return self.sh(str(BIN / "kubectl"), *args, timeout=timeout).stdout
+
+
+@dataclass
+class Env:
+    cluster: Cluster
+    namespace: str = "kubetune-e2e"
+    core: client.CoreV1Api = field(init=False)
+    custom: client.CustomObjectsApi = field(init=False)
+
+    def __post_init__(self) -> None:
+        api = config.new_client_from_config(str(self.cluster.kubeconfig))
+        self.core = client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+
+    @property
+    def data_root(self) -> Path:
+        return self.cluster.dir / "volumes"
+
+    def ftj(self, name: str) -> dict[str, Any]:
+        obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name
+        )
+        return obj
+
+    def status(self, name: str) -> dict[str, Any]:
+        return dict(self.ftj(name).get("status") or {})
+
+
+def wait(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------- setup
+
+
+def install_operator(env: Env) -> None:
+    """helm install the chart; the operator runs as a real pod on the real node, from the built image."""
+    env.cluster.sh(
+        str(BIN / "helm"), "upgrade", "--install", RELEASE, str(REPO / "charts" / "kubetune"),
+        "--namespace", OPERATOR_NS, "--create-namespace", "--wait", "--timeout", "5m",
+        "--set", f"image.repository={OPERATOR_IMAGE}", "--set", f"image.tag={IMAGE_TAG}",
+        "--set", "image.pullPolicy=Never",
+        "--set", f"trainer.image.repository={TRAINER_IMAGE}", "--set", f"trainer.image.tag={IMAGE_TAG}",
+        "--set", "operator.scrapeIntervalSeconds=2",
+        "--set-string", "nodeSelector.kubetune\\.io/node-kind=real",
+        timeout=400,
+    )  # fmt: skip
+
+
+def operator_pod(env: Env) -> client.V1Pod:
+    pods = env.core.list_namespaced_pod(OPERATOR_NS).items
+    running = [p for p in pods if p.status.phase == "Running" and not p.metadata.deletion_timestamp]
+    assert running, [p.metadata.name for p in pods]
+    pod: client.V1Pod = running[0]
+    return pod
+
+
+def host_volume(env: Env, name: str, size: str = "1Gi", read_only: bool = False) -> Path:
+    """A hostPath PV on the real node bound to PVC `name` in the job namespace; returns the host directory."""
+    path = env.data_root / name
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o777)  # trainer pods run as uid 1000
+    pv_name = f"{env.namespace}-{name}"
+    pv = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": pv_name},
+        "spec": {
+            "capacity": {"storage": size},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": "",
+            "hostPath": {"path": str(path), "type": "Directory"},
+            "claimRef": {"namespace": env.namespace, "name": name},
+            "nodeAffinity": {
+                "required": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchExpressions": [
+                                {"key": "kubetune.io/node-kind", "operator": "In", "values": ["real"]}
+                            ]
+                        }
+                    ]
+                }
+            },
+        },
+    }
+    pvc = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name, "namespace": env.namespace},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": "",
+            "volumeName": pv_name,
+            "resources": {"requests": {"storage": size}},
+        },
+    }
+    apply(env, pv, pvc)
+    return path
+
+
+def apply(env: Env, *docs: dict[str, Any]) -> None:
+    proc = subprocess.run(
+        [str(BIN / "kubectl"), "apply", "-f", "-"],
+        input=yaml.safe_dump_all(docs),
+        env=env.cluster.env(),
+        text=True,
+        capture_output=True,
+        check=False,
+    )
+    if proc.returncode:
+        raise RuntimeError(proc.stderr)
+
+
+def prepare_namespace(env: Env) -> None:
+    apply(
+        env,
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": env.namespace}},
+        {
+            "apiVersion": "scheduling.k8s.io/v1",
+            "kind": "PriorityClass",
+            "metadata": {"name": HIGH_PRIORITY},
+            "value": 100000,
+            "description": "kubetune e2e: a pod that preempts the trainer",
+        },
+    )
+
+
+def dataset(env: Env) -> Path:
+    """scikit-learn's digits as an ImageFolder on a hostPath PV (claim `digits`)."""
+    from kubetune_trainer.digits import write_digits
+
+    path = host_volume(env, "digits")
+    if not (path / "digits" / "9").is_dir():
+        write_digits(path / "digits")
+        for p in path.rglob("*"):
+            p.chmod(0o777 if p.is_dir() else 0o644)
+    return path / "digits"
+
+
+def job_spec(steps: int, every: int, grace: int, cpu: str) -> dict[str, Any]:
+    """The FineTuneJob spec; the same sections run on the host with `kubetune-train -f`."""
+    return {
+        "model": {"name": "test_resnet", "numClasses": 10},
+        "data": {
+            "format": "imagefolder",
+            "path": "digits",
+            "imageSize": 32,
+            "valFraction": 0.2,
+            "numWorkers": 0,
+        },
+        "training": {"maxSteps": steps, "batchSize": 32, "learningRate": 0.01, "warmupSteps": 10},
+        "checkpoint": {"everySteps": every},
+        "wandb": {"mode": "offline", "project": "kubetune-e2e"},
+        "metrics": {"port": 9400},
+        "resources": {"gpus": 0, "cpu": cpu, "memory": "2Gi"},
+        "terminationGracePeriodSeconds": grace,
+        "nodeSelector": {"kubetune.io/node-kind": "real"},
+        # One thread in the pod and on the host: the same float reductions, so bitwise-equal weights.
+        "podTemplate": {"env": [{"name": "OMP_NUM_THREADS", "value": "1"}]},
+    }
+
+
+def create_job(env: Env, name: str, steps: int, every: int, grace: int = 30, cpu: str = "1") -> Path:
+    """Create the job with its own checkpoint claim (a hostPath PV we can read); returns that host dir."""
+    ckpt = host_volume(env, f"{name}-ckpt-e2e", size="2Gi")
+    shutil.rmtree(ckpt)
+    ckpt.mkdir()
+    ckpt.chmod(0o777)
+    spec = job_spec(steps, every, grace, cpu)
+    spec["data"]["claimName"] = "digits"
+    spec["checkpoint"]["existingClaim"] = f"{name}-ckpt-e2e"
+    apply(
+        env,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "FineTuneJob",
+            "metadata": {"name": name, "namespace": env.namespace},
+            "spec": spec,
+        },
+    )
+    return ckpt
+
+
+# ---------------------------------------------------------------- observing
+
+
+def trainer_pods(env: Env, job: str) -> list[client.V1Pod]:
+    pods = env.core.list_namespaced_pod(env.namespace, label_selector=f"{LABEL_JOB}={job}").items
+    return sorted(pods, key=lambda p: int(p.metadata.labels.get(LABEL_ATTEMPT, "0")))
+
+
+def running_trainer(env: Env, job: str) -> client.V1Pod | None:
+    for p in reversed(trainer_pods(env, job)):
+        started = any(cs.state.running for cs in p.status.container_statuses or [])
+        if p.status.phase == "Running" and started and not p.metadata.deletion_timestamp:
+            return p
+    return None
+
+
+def scrape(url: str, timeout: float = 2) -> dict[str, float]:
+    """Unlabelled-or-labelled samples of a Prometheus text endpoint, name{labels} -> value."""
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[key] = float(value)
+    return out
+
+
+def trainer_step(pod: client.V1Pod) -> int | None:
+    """The trainer's own step, scraped from its metrics port at the pod IP (reachable on the bridge)."""
+    if not pod.status.pod_ip:
+        return None
+    try:
+        samples = scrape(f"http://{pod.status.pod_ip}:9400/metrics", timeout=1)
+    except OSError:
+        return None
+    for key, value in samples.items():
+        if key.startswith("kubetune_trainer_step"):
+            return int(value)
+    return None
+
+
+@dataclass
+class Disruption:
+    kind: str
+    pod: str
+    attempt: int
+    at: float  # time.time() when the disruption was made
+    step_at_disruption: int | None = None
+    stopped_at: float | None = None  # container finishedAt (the trainer exited)
+    exit_code: int | None = None
+    next_pod: str | None = None
+    next_created_at: float | None = None  # operator created the next attempt
+    next_started_at: float | None = None  # its container started
+    next_first_step_at: float | None = None  # first training step after resume
+    resumed_from: int | None = None
+
+    def summary(self, grace: int) -> dict[str, Any]:
+        def d(a: float | None, b: float | None) -> float | None:
+            return round(b - a, 2) if a is not None and b is not None else None
+
+        return {
+            "kind": self.kind,
+            "pod": self.pod,
+            "exit_code": self.exit_code,
+            "step_at_disruption": self.step_at_disruption,
+            "resumed_from": self.resumed_from,
+            "sigterm_to_exit_s": d(self.at, self.stopped_at),
+            "grace_period_s": grace,
+            "operator_reaction_s": d(self.at, self.next_created_at),
+            "pod_start_s": d(self.next_created_at, self.next_started_at),
+            "checkpoint_load_to_first_step_s": d(self.next_started_at, self.next_first_step_at),
+            "disruption_to_first_step_s": d(self.at, self.next_first_step_at),
+        }
+
+
+def ts(value: Any) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+def follow_recovery(env: Env, job: str, dis: Disruption, timeout: float = 300) -> None:
+    """Poll (fast) until the next attempt trains its first step; fill in the timeline of `dis`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pods = trainer_pods(env, job)
+        old = next((p for p in pods if p.metadata.name == dis.pod), None)
+        if old is not None and dis.stopped_at is None:
+            for cs in old.status.container_statuses or []:
+                if cs.state.terminated:
+                    dis.stopped_at = ts(cs.state.terminated.finished_at)
+                    dis.exit_code = cs.state.terminated.exit_code
+        newer = [p for p in pods if int(p.metadata.labels.get(LABEL_ATTEMPT, "0")) > dis.attempt]
+        if newer:
+            p = newer[0]
+            dis.next_pod = p.metadata.name
+            dis.next_created_at = ts(p.metadata.creation_timestamp)
+            for cs in p.status.container_statuses or []:
+                if cs.state.running and dis.next_started_at is None:
+                    dis.next_started_at = ts(cs.state.running.started_at)
+            if dis.next_started_at is not None:
+                step = trainer_step(p)
+                st = env.status(job)
+                if dis.resumed_from is None and step is not None:
+                    dis.resumed_from = step
+                if step is not None and dis.resumed_from is not None and step > dis.resumed_from:
+                    dis.next_first_step_at = time.time()
+                    return
+                if st.get("phase") == "Succeeded":
+                    return
+        time.sleep(0.1)
+    raise TimeoutError(f"no training step after {dis.kind} of {dis.pod} within {timeout}s")
+
+
+# ---------------------------------------------------------------- disruptions
+
+
+def preempt_by_scheduler(env: Env, pod: client.V1Pod) -> Callable[[], None]:
+    """A higher-priority pod that needs the node's CPU: the scheduler preempts the trainer. Returns the
+    cleanup that removes the preemptor once it ran, so the next attempt has room again."""
+    name = "preemptor"
+    env.core.create_namespaced_pod(
+        env.namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name},
+            "spec": {
+                "priorityClassName": HIGH_PRIORITY,
+                "nodeSelector": {"kubetune.io/node-kind": "real"},
+                "terminationGracePeriodSeconds": 0,
+                "containers": [
+                    {
+                        "name": "pause",
+                        "image": "kubetune.local/pause:3.10",
+                        "imagePullPolicy": "Never",
+                        "resources": {"requests": {"cpu": node_free_cpu_for(env, pod)}},
+                    }
+                ],
+            },
+        },
+    )
+
+    def release() -> None:
+        wait(lambda: _phase(env, name) == "Running", 120, "the preemptor to run")
+        env.core.delete_namespaced_pod(name, env.namespace, grace_period_seconds=0)
+
+    return release
+
+
+def _phase(env: Env, name: str) -> str | None:
+    try:
+        return str(env.core.read_namespaced_pod(name, env.namespace).status.phase)
+    except client.ApiException:
+        return None
+
+
+def node_free_cpu_for(env: Env, pod: client.V1Pod) -> str:
+    """CPU (millicores) that fits on the real node only once `pod` is gone."""
+    node = env.core.read_node(REAL_NODE)
+    alloc = _milli(node.status.allocatable["cpu"])
+    pods = env.core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={REAL_NODE}").items
+    used = sum(
+        _milli((c.resources.requests or {}).get("cpu", "0"))
+        for p in pods
+        if p.status.phase in ("Running", "Pending")
+        for c in p.spec.containers
+    )
+    mine = sum(_milli((c.resources.requests or {}).get("cpu", "0")) for c in pod.spec.containers)
+    return f"{alloc - used + mine}m"
+
+
+def _milli(q: str) -> int:
+    q = str(q)
+    return int(q[:-1]) if q.endswith("m") else int(float(q) * 1000)
+
+
+def evict(env: Env, pod: client.V1Pod) -> None:
+    """What `kubectl drain` does: the Eviction API."""
+    env.core.create_namespaced_pod_eviction(
+        pod.metadata.name,
+        env.namespace,
+        client.V1Eviction(metadata=client.V1ObjectMeta(name=pod.metadata.name, namespace=env.namespace)),
+    )
+
+
+def delete(env: Env, pod: client.V1Pod) -> None:
+    env.core.delete_namespaced_pod(pod.metadata.name, env.namespace)
+
+
+def sigkill(env: Env, pod: client.V1Pod) -> None:
+    """Kill the container's PID 1 from the host, by PID, with no grace (what an OOM kill or a crashed
+    node does to the process)."""
+    cid = pod.status.container_statuses[0].container_id.split("://", 1)[1]
+    sock = env.cluster.dir / "real-node" / "containerd.sock"
+    out = subprocess.run(
+        [str(BIN / "crictl"), "--runtime-endpoint", f"unix://{sock}", "inspect", cid],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    pid = int(json.loads(out)["info"]["pid"])
+    os.kill(pid, 9)
+
+
+KINDS: dict[str, Callable[[Env, client.V1Pod], Any]] = {
+    "scheduler-preemption": preempt_by_scheduler,
+    "eviction": evict,
+    "delete": delete,
+    "sigkill": sigkill,
+}
+
+
+def disrupt(env: Env, job: str, kind: str, min_progress: int, log: Callable[[str], None]) -> Disruption:
+    """Wait until the running attempt trained `min_progress` steps past where it started, then disrupt it
+    and follow the next attempt to its first step."""
+    pod = wait(lambda: running_trainer(env, job), 300, f"a running trainer of {job}")
+    first = wait(lambda: trainer_step(pod), 300, "the trainer's metrics")
+    wait(lambda: (trainer_step(pod) or 0) >= first + min_progress, 300, f"{min_progress} steps of training")
+    attempt = int(pod.metadata.labels.get(LABEL_ATTEMPT, "0"))
+    dis = Disruption(kind, pod.metadata.name, attempt, time.time(), trainer_step(pod))
+    log(f"{kind}: {pod.metadata.name} at step {dis.step_at_disruption}")
+    release = KINDS[kind](env, pod)
+    if callable(release):
+        release()
+    follow_recovery(env, job, dis)
+    log(f"  -> {dis.next_pod} resumed at step {dis.resumed_from}")
+    return dis
+
+
+def wait_done(
+    env: Env, job: str, timeout: float = 900, on_tick: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        st = env.status(job)
+        if on_tick:
+            on_tick(st)
+        return st if st.get("phase") in ("Succeeded", "Failed") else None
+
+    result: dict[str, Any] = wait(done, timeout, f"{job} to finish", interval=1)
+    return result
+
+
+# ---------------------------------------------------------------- checks
+
+
+def reference_weights(env: Env, job: str, steps: int, every: int, digits: Path) -> bytes:
+    """The same manifest trained uninterrupted on the host with `kubetune-train -f`."""
+    root = env.cluster.dir / "reference" / job
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    spec = job_spec(steps, every, 30, "1")
+    spec["data"]["path"] = str(digits)
+    spec["wandb"] = {"mode": "disabled"}
+    manifest = root / "job.yaml"
+    manifest.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "FineTuneJob",
+                "metadata": {"name": job},
+                "spec": spec,
+            }
+        )
+    )
+    envv = {k: v for k, v in os.environ.items() if k != "KUBETUNE_CHECKPOINT_DIR"}
+    envv.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", WANDB_SILENT="true")
+    envv.pop("KUBETUNE_TERMINATION_LOG", None)
+    subprocess.run(
+        [str(REPO / ".venv" / "bin" / "kubetune-train"), "-f", str(manifest), "--checkpoint-dir", str(root / "ckpt"),
+         "--set", "metrics.port=0"],
+        env=envv, check=True, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    return (root / "ckpt" / "final" / "model.safetensors").read_bytes()
+
+
+def wandb_history_steps(ckpt: Path) -> tuple[set[str], list[int]]:
+    """Run ids and logged steps of every offline W&B run the attempts wrote (WANDB_DIR=/checkpoints)."""
+    runs = sorted((ckpt / "wandb").glob("offline-run-*"))
+    ids = {p.name.rsplit("-", 1)[1] for p in runs}
+    steps: list[int] = []
+    for run in runs:
+        for f in run.glob("run-*.wandb"):
+            for rec in read_wandb_records(f):
+                if rec.WhichOneof("record_type") == "history":
+                    steps.append(rec.history.step.num)
+    return ids, steps
+
+
+def read_wandb_records(path: Path) -> list[Any]:
+    """Records of a .wandb file (leveldb-style log: 7-byte header, 32 KiB blocks, 7-byte record headers
+    crc32/len/type with FULL=1, FIRST=2, MIDDLE=3, LAST=4); as in tests/trainer/test_telemetry.py."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    records: list[Any] = []
+    pending, pos, block = b"", 7, 32768
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(pending)
+            records.append(rec)
+    return records
+
+
+def operator_preemptions(env: Env) -> dict[str, float]:
+    """kubetune_preemptions_total by reason, scraped from the operator pod's IP."""
+    pod = operator_pod(env)
+    samples = scrape(f"http://{pod.status.pod_ip}:8080/metrics")
+    return {k: v for k, v in samples.items() if k.startswith("kubetune_preemptions_total{")}
