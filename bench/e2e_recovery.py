@@ -1,0 +1,61 @@
+"""Recovery on a real node: from a disruption to the first training step of the next attempt.
+
+One FineTuneJob on the real kubelet node (tests/e2e/scenario.py) is disrupted four ways in turn:
+scheduler preemption, Eviction API, `kubectl delete pod` (all SIGTERM with a 30 s grace period) and a
+SIGKILL of the container's PID 1 from the host. For each: `operator_reaction_s` (disruption to the next
+attempt's pod object), `pod_start_s` (pod object to container running: scheduling, sandbox, CNI,
+container start), `checkpoint_load_to_first_step_s` (container running to the first step past the
+resumed one: Python/torch import, data, checkpoint load, one step), their sum `disruption_to_first_step_s`,
+and `sigterm_to_exit_s` (disruption to the trainer's exit: the SIGTERM checkpoint) against the grace period.
+Needs root and the real-node packages; starts and stops its own cluster (see docs/real-node.md).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+KINDS = ("scheduler-preemption", "eviction", "delete", "sigkill")
+STEPS, EVERY, GRACE = 400, 20, 30
+
+
+def run() -> dict[str, Any]:
+    from tests.e2e import scenario as sc
+
+    cluster = sc.Cluster()
+    t0 = time.monotonic()
+    cluster.up()
+    try:
+        images_log = cluster.images()
+        env = sc.Env(cluster)
+        sc.prepare_namespace(env)
+        sc.install_operator(env)
+        sc.dataset(env)
+        setup_s = time.monotonic() - t0
+        job = "bench-recovery"
+        sc.create_job(env, job, STEPS, EVERY, GRACE)
+        out: dict[str, Any] = {"setup_s": round(setup_s, 1), "grace_period_s": GRACE, "every_steps": EVERY}
+        for kind in KINDS:
+            d = sc.disrupt(env, job, kind, EVERY + 5, log=lambda _m: None)
+            s = d.summary(GRACE)
+            out[kind] = s
+            key = kind.replace("-", "_")
+            for field in (
+                "operator_reaction_s",
+                "pod_start_s",
+                "checkpoint_load_to_first_step_s",
+                "disruption_to_first_step_s",
+                "sigterm_to_exit_s",
+            ):
+                out[f"{key}_{field}"] = s[field]
+        st = sc.wait_done(env, job)
+        out.update(
+            phase=st.get("phase"),
+            preemptions=st.get("preemptions"),
+            failures=st.get("failures", 0),
+            lost_steps=st.get("lostSteps", 0),
+            images_log=images_log.splitlines(),
+        )
+        return out
+    finally:
+        cluster.down()
