@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from kubetune_operator import builders, lifecycle
+from kubetune_operator import builders, lifecycle, pods
 from kubetune_operator.api import API_VERSION, FineTuneJob, SpecError, parse_job
 from kubetune_operator.kube import ApiError, Kube
 from kubetune_operator.metrics import OperatorMetrics, parse_trainer_metrics
@@ -115,7 +115,7 @@ class Controller:
         ):
             return
         new = _PodEntry(body=copy.deepcopy(dict(body)), gone=gone, ended_at=entry.ended_at if entry else None)
-        if new.ended_at is None and (gone or lifecycle.pod_view(new.body).exit_code is not None):
+        if new.ended_at is None and (gone or pods.pod_view(new.body).exit_code is not None):
             new.ended_at = time.monotonic()
         entries[meta["name"]] = new
         self.queue.add(key)
@@ -208,13 +208,11 @@ class Controller:
 
     async def _pod_views(
         self, key: JobKey, job: FineTuneJob, status: Mapping[str, Any]
-    ) -> list[lifecycle.PodView]:
+    ) -> list[pods.PodView]:
         entries = self.pods.setdefault(key, {})
         attempt = int(status.get("attempt") or 0)
         # Forget pods of finished attempts once they are gone: nothing will ask about them again.
-        for name in [
-            n for n, e in entries.items() if e.gone and lifecycle.pod_view(e.body).attempt < attempt
-        ]:
+        for name in [n for n, e in entries.items() if e.gone and pods.pod_view(e.body).attempt < attempt]:
             del entries[name]
         if attempt and not status.get("nextAttemptTime"):
             # Pods of the live attempt that the watch has not shown: the cache may lag our own create.
@@ -229,7 +227,7 @@ class Controller:
             owner: dict[str, Any] = next(iter(entry.body["metadata"].get("ownerReferences") or []), {})
             if owner.get("uid") != job.ref.uid:
                 continue  # a pod of an earlier job with the same name
-            views.append(lifecycle.pod_view(entry.body, gone=entry.gone))
+            views.append(pods.pod_view(entry.body, gone=entry.gone))
         return views
 
     async def _missing(self, job: FineTuneJob) -> tuple[str, ...]:
@@ -254,7 +252,7 @@ class Controller:
                 )
         return tuple(missing)
 
-    async def _unready_nodes(self, views: list[lifecycle.PodView]) -> frozenset[str]:
+    async def _unready_nodes(self, views: list[pods.PodView]) -> frozenset[str]:
         limit = self.config.lifecycle.stuck_terminating_seconds
         now = datetime.now(UTC)
         nodes = {
@@ -283,7 +281,7 @@ class Controller:
         return frozenset(unready)
 
     async def _scrape(
-        self, key: JobKey, job: FineTuneJob, status: Mapping[str, Any], views: list[lifecycle.PodView]
+        self, key: JobKey, job: FineTuneJob, status: Mapping[str, Any], views: list[pods.PodView]
     ) -> lifecycle.Progress | None:
         """Progress from rank 0's metrics endpoint, at most once per scrape interval."""
         if not job.spec.metrics_port or status.get("phase") not in ("Running", "Restarting", "Pending"):

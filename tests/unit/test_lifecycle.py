@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from kubetune_operator import lifecycle as lc
+from kubetune_operator import pods
 from kubetune_operator.api import parse_job
 from kubetune_operator.status import status_patch
 
@@ -17,14 +18,16 @@ T0 = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
 SETTINGS = lc.Settings(backoff_base_seconds=10, backoff_max_seconds=300, start_timeout_seconds=300)
 
 
-def report(reason: str, step: int = 0, ckpt: int = 0, message: str = "") -> lc.TrainerReport:
-    return lc.TrainerReport(reason=reason, step=step, checkpoint_step=ckpt, message=message, total_steps=100)
+def report(reason: str, step: int = 0, ckpt: int = 0, message: str = "") -> pods.TrainerReport:
+    return pods.TrainerReport(
+        reason=reason, step=step, checkpoint_step=ckpt, message=message, total_steps=100
+    )
 
 
-def pod(attempt: int = 1, rank: int = 0, **kw) -> lc.PodView:
+def pod(attempt: int = 1, rank: int = 0, **kw) -> pods.PodView:
     kw.setdefault("phase", "Running")
     kw.setdefault("created", T0)
-    return lc.PodView(name=f"demo-a{attempt}-{rank}", attempt=attempt, rank=rank, **kw)
+    return pods.PodView(name=f"demo-a{attempt}-{rank}", attempt=attempt, rank=rank, **kw)
 
 
 PREEMPTED = ("PreemptionByScheduler", "preempted by ml/high")
@@ -34,69 +37,69 @@ OLD = T0 - timedelta(seconds=301)
 @pytest.mark.parametrize(
     ("view", "outcome", "reason"),
     [
-        (pod(gone=True), lc.Outcome.DISRUPTED, "PodDeleted"),
-        (pod(gone=True, disruption=PREEMPTED), lc.Outcome.DISRUPTED, "PreemptionByScheduler"),
+        (pod(gone=True), pods.Outcome.DISRUPTED, "PodDeleted"),
+        (pod(gone=True, disruption=PREEMPTED), pods.Outcome.DISRUPTED, "PreemptionByScheduler"),
         (
             pod(gone=True, disruption=("DeletionByPodGC", "node gone")),
-            lc.Outcome.DISRUPTED,
+            pods.Outcome.DISRUPTED,
             "DeletionByPodGC",
         ),
-        (pod(phase="Succeeded", exit_code=0), lc.Outcome.SUCCEEDED, "Completed"),
-        (pod(phase="Failed", exit_code=2), lc.Outcome.PERMANENT, "InvalidConfig"),
+        (pod(phase="Succeeded", exit_code=0), pods.Outcome.SUCCEEDED, "Completed"),
+        (pod(phase="Failed", exit_code=2), pods.Outcome.PERMANENT, "InvalidConfig"),
         (
             pod(phase="Failed", exit_code=1, report=report("InvalidConfig")),
-            lc.Outcome.PERMANENT,
+            pods.Outcome.PERMANENT,
             "InvalidConfig",
         ),
-        (pod(phase="Failed", exit_code=143, report=report("Preempted")), lc.Outcome.DISRUPTED, "SIGTERM"),
-        (pod(phase="Failed", exit_code=137, terminated_reason="OOMKilled"), lc.Outcome.FAILED, "OOMKilled"),
-        (pod(phase="Failed", exit_code=1, report=report("Error")), lc.Outcome.FAILED, "Error"),
-        (pod(phase="Failed", exit_code=137, deleting_since=T0), lc.Outcome.DISRUPTED, "PodDeleted"),
+        (pod(phase="Failed", exit_code=143, report=report("Preempted")), pods.Outcome.DISRUPTED, "SIGTERM"),
+        (pod(phase="Failed", exit_code=137, terminated_reason="OOMKilled"), pods.Outcome.FAILED, "OOMKilled"),
+        (pod(phase="Failed", exit_code=1, report=report("Error")), pods.Outcome.FAILED, "Error"),
+        (pod(phase="Failed", exit_code=137, deleting_since=T0), pods.Outcome.DISRUPTED, "PodDeleted"),
         (
             pod(phase="Failed", exit_code=137, disruption=PREEMPTED),
-            lc.Outcome.DISRUPTED,
+            pods.Outcome.DISRUPTED,
             "PreemptionByScheduler",
         ),
         (
             pod(phase="Failed", exit_code=143, disruption=("EvictionByEvictionAPI", "")),
-            lc.Outcome.DISRUPTED,
+            pods.Outcome.DISRUPTED,
             "EvictionByEvictionAPI",
         ),
-        (pod(phase="Failed", status_reason="Evicted"), lc.Outcome.DISRUPTED, "Evicted"),
-        (pod(phase="Failed", status_reason="Terminated"), lc.Outcome.DISRUPTED, "Terminated"),
-        (pod(disruption=PREEMPTED), lc.Outcome.TERMINATING, "PreemptionByScheduler"),
-        (pod(deleting_since=T0), lc.Outcome.TERMINATING, "PodDeleted"),
-        (pod(phase="Pending", waiting_reason="ImagePullBackOff"), lc.Outcome.PENDING, "ImagePullBackOff"),
+        (pod(phase="Failed", status_reason="Evicted"), pods.Outcome.DISRUPTED, "Evicted"),
+        (pod(phase="Failed", status_reason="Terminated"), pods.Outcome.DISRUPTED, "Terminated"),
+        (pod(disruption=PREEMPTED), pods.Outcome.TERMINATING, "PreemptionByScheduler"),
+        (pod(deleting_since=T0), pods.Outcome.TERMINATING, "PodDeleted"),
+        (pod(phase="Pending", waiting_reason="ImagePullBackOff"), pods.Outcome.PENDING, "ImagePullBackOff"),
         (
             pod(phase="Pending", waiting_reason="ImagePullBackOff", created=OLD),
-            lc.Outcome.FAILED,
+            pods.Outcome.FAILED,
             "ImagePull",
         ),
         (
             pod(phase="Pending", waiting_reason="CreateContainerConfigError", created=OLD),
-            lc.Outcome.FAILED,
+            pods.Outcome.FAILED,
             "ContainerConfig",
         ),
-        (pod(phase="Running"), lc.Outcome.RUNNING, "Running"),
-        (pod(phase="Pending"), lc.Outcome.PENDING, "Pending"),
+        (pod(phase="Running"), pods.Outcome.RUNNING, "Running"),
+        (pod(phase="Pending"), pods.Outcome.PENDING, "Pending"),
     ],
 )
 def test_classify(view, outcome, reason):
-    end = lc.classify(view, T0, start_timeout=300)
+    end = pods.classify(view, T0, start_timeout=300)
     assert (end.outcome, end.reason) == (outcome, reason)
 
 
 def test_parse_report_takes_last_json_line():
     text = 'some log\n{"reason": "Preempted", "step": 40, "checkpointStep": 40, "totalSteps": 100, "checkpoint": "/c/s40"}\n'
-    r = lc.parse_report(text)
+    r = pods.parse_report(text)
     assert r is not None and (r.reason, r.step, r.checkpoint_step, r.checkpoint) == (
         "Preempted",
         40,
         40,
         "/c/s40",
     )
-    assert lc.parse_report("Traceback: boom") is None
-    assert lc.parse_report(None) is None
+    assert pods.parse_report("Traceback: boom") is None
+    assert pods.parse_report(None) is None
 
 
 def make_job(workers: int = 1, **policy):

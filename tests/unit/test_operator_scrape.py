@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import pytest
 from kubernetes import client as k8s_client
 
-from kubetune_operator import lifecycle
+from kubetune_operator import lifecycle, pods
 from kubetune_operator.api import parse_job
 from kubetune_operator.controller import Controller, ControllerConfig
 from kubetune_operator.kube import Kube
@@ -69,7 +69,7 @@ def test_controller_scrape_feeds_status(trainer_metrics):
         "spec": {"image": "i", "model": {"name": "m"}, "metrics": {"port": port}},
     }
     job = parse_job(body)
-    pod = lifecycle.PodView(name="ft-a1-0", attempt=1, rank=0, phase="Running", pod_ip="127.0.0.1")
+    pod = pods.PodView(name="ft-a1-0", attempt=1, rank=0, phase="Running", pod_ip="127.0.0.1")
     status = {"phase": "Running", "attempt": 1}
 
     async def scrape_twice():
