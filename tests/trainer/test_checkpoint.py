@@ -106,3 +106,16 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest
     found = ck.find_latest_valid()
     assert found is not None and found.step == 1
     assert not list(ck.dir.glob(".step-*"))  # no temp file left behind
+
+
+def test_deferred_tensors_are_copied_before_the_caller_mutates_them(tmp_path: Path) -> None:
+    ck = make(tmp_path)
+    live = state(3)
+    weight = live["w"]
+    assert isinstance(weight, torch.Tensor)
+    ck.save_async(3, live, deferred=lambda t: t.data_ptr() == weight.data_ptr())
+    ck.wait_copied()  # what the optimizer pre-hook does before a step
+    weight.add_(1000)
+    ck.wait()
+    found = ck.find_latest_valid()
+    assert found is not None and torch.equal(ck.load(found)["w"], torch.full((64, 64), 3.0))

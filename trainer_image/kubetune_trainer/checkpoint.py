@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 SLOW_SAVE_ENV = "KUBETUNE_TEST_SLOW_SAVE_SECONDS"
 """Test-only: sleep this long inside each write (before the rename) to open a window for SIGKILL."""
+
+
+Deferred = Callable[[torch.Tensor], bool]
 
 
 class CheckpointError(RuntimeError):
@@ -104,6 +108,8 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._buffers: dict[str, torch.Tensor] = {}
+        self._late: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._copied: threading.Event | None = None
         if writer:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.remove_temp_files()
@@ -119,44 +125,62 @@ class Checkpointer:
         return bool(self.cfg.everySeconds) and now - self.last_save_time >= self.cfg.everySeconds
 
     # -- saving ------------------------------------------------------------------------------------
-    def snapshot(self, state: Any, _key: str = "") -> Any:
-        """Copy every tensor to CPU memory the training thread will not touch again (buffers are reused
-        between saves: at most one save is in flight, and it is finished before the next snapshot)."""
+    def snapshot(self, state: Any, deferred: Deferred | None = None, _key: str = "") -> Any:
+        """Copy every tensor into CPU buffers the training thread will not touch again (reused between saves:
+        at most one save is in flight, and it has finished before the next snapshot). Tensors for which
+        `deferred(t)` is true get a buffer now but are copied later by the writer thread (see save_async)."""
         if isinstance(state, torch.Tensor):
             t = state.detach()
             buf = self._buffers.get(_key)
             if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
                 buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
                 self._buffers[_key] = buf
-            buf.copy_(t, non_blocking=t.is_cuda)
+            if deferred is not None and deferred(t):
+                self._late.append((t, buf))
+            else:
+                buf.copy_(t, non_blocking=t.is_cuda)
             return buf
         if isinstance(state, dict):
-            return {k: self.snapshot(v, f"{_key}/{k}") for k, v in state.items()}
+            return {k: self.snapshot(v, deferred, f"{_key}/{k}") for k, v in state.items()}
         if isinstance(state, list | tuple):
-            items = [self.snapshot(v, f"{_key}/{i}") for i, v in enumerate(state)]
+            items = [self.snapshot(v, deferred, f"{_key}/{i}") for i, v in enumerate(state)]
             return items if isinstance(state, list) else tuple(items)
-        return (
-            state  # ints, floats, strings, RNG tuples and numpy arrays are immutable or copied by the caller
-        )
+        return state  # ints, floats, strings, RNG tuples and numpy arrays are immutable or fresh copies
 
-    def save_async(self, step: int, state: dict[str, Any]) -> float:
-        """Snapshot now, write in a background thread; returns seconds the caller was blocked."""
+    def save_async(self, step: int, state: dict[str, Any], deferred: Deferred | None = None) -> float:
+        """Snapshot and write in a background thread; returns seconds the caller was blocked so far.
+
+        `deferred` marks tensors that stay unchanged until the next optimizer step (parameters, optimizer
+        and EMA state): the writer thread copies those while the next forward/backward runs, and the caller
+        must call wait_copied() before mutating them (the trainer does it in an optimizer step pre-hook).
+        Everything else (BatchNorm running stats change in forward) is copied before this returns."""
         if not self.writer:
             self._mark(step)  # every rank keeps the same policy state, so all take the same branches
             return 0.0
         t0 = time.perf_counter()
         self.wait()
-        snap = self.snapshot(state)
+        self._late = []
+        snap = self.snapshot(state, deferred)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self._mark(step)
+        late, self._late = self._late, []
+        self._copied = threading.Event()
         self._thread = threading.Thread(
-            target=self._write_guarded, args=(step, snap), name="checkpoint-writer", daemon=True
+            target=self._write_guarded, args=(step, snap, late), name="checkpoint-writer", daemon=True
         )
         self._thread.start()
         blocked = time.perf_counter() - t0
         self.blocked_seconds.append(blocked)
         return blocked
+
+    def wait_copied(self) -> None:
+        """Block until the writer thread has copied the deferred tensors of the save in flight."""
+        event = self._copied
+        if event is not None and not event.is_set():
+            t0 = time.perf_counter()
+            event.wait()
+            self.blocked_seconds[-1] += time.perf_counter() - t0
 
     def save_sync(self, step: int, state: dict[str, Any]) -> Path | None:
         """Write now (SIGTERM, end of training); raises CheckpointError if the write fails."""
@@ -185,8 +209,16 @@ class Checkpointer:
         self.last_saved_step = step
         self.last_save_time = time.monotonic()
 
-    def _write_guarded(self, step: int, snap: dict[str, Any]) -> None:
+    def _write_guarded(
+        self, step: int, snap: dict[str, Any], late: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
         try:
+            try:
+                for src, buf in late:
+                    buf.copy_(src)
+            finally:
+                if self._copied is not None:
+                    self._copied.set()
             self._write(step, snap)
         except BaseException as e:  # surfaced by wait() in the training thread
             self._error = e

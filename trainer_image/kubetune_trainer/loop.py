@@ -13,7 +13,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,6 +154,7 @@ class Trainer:
             ids = [self.rt.local_rank] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.ckpt = Checkpointer(self.root, cfg.checkpoint, writer=self.rt.rank == 0)
+        self.optimizer.register_step_pre_hook(lambda *_: self.ckpt.wait_copied())
         self._resume()
         self.telemetry = telemetry.build(cfg, self.rt.rank)
 
@@ -410,13 +411,23 @@ class Trainer:
             self.ckpt.save_sync(self.step, self.state())
             seconds = time.perf_counter() - t0
         else:
-            seconds = self.ckpt.save_async(self.step, self.state())
+            seconds = self.ckpt.save_async(self.step, self.state(), self._unchanged_until_step())
         if self.rt.distributed:
             dist.barrier()
         if sync:  # durable on every rank once rank 0 passed the barrier
             log.info("checkpoint step %d written synchronously in %.3fs", self.step, seconds)
             self.checkpoint_path, self.checkpoint_step = str(self.ckpt.path_for(self.step)), self.step
         self._drain_saves()
+
+    def _unchanged_until_step(self) -> Callable[[torch.Tensor], bool]:
+        """Tensors only optimizer.step() and the EMA update (right after it) modify; the checkpoint writer may
+        copy them during the next forward/backward (an optimizer pre-hook waits for that copy)."""
+        ptrs = {p.data_ptr() for p in self.model.parameters()}
+        for per_param in self.optimizer.state.values():
+            ptrs.update(v.data_ptr() for v in per_param.values() if isinstance(v, torch.Tensor))
+        if self.ema is not None:
+            ptrs.update(t.data_ptr() for t in self.ema.state_dict().values())
+        return lambda t: t.data_ptr() in ptrs
 
     def _drain_saves(self) -> None:
         """Report saves that became durable (async ones finish in the background)."""
