@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubernetes import client, config
+from kubernetes import client, config, watch
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kubetune"
@@ -83,17 +84,44 @@ class Cluster:
         return self.sh(str(BIN / "kubectl"), *args, timeout=timeout).stdout
 
 
+class Terminations:
+    """How each pod's container ended (exit code, finishedAt), from a watch: a deleted pod's object is
+    gone moments after the kubelet reports it, too fast for polling."""
+
+    def __init__(self, core: client.CoreV1Api, namespace: str) -> None:
+        self.core, self.namespace = core, namespace
+        self.seen: dict[str, tuple[int, float]] = {}
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                for ev in watch.Watch().stream(
+                    self.core.list_namespaced_pod, self.namespace, timeout_seconds=60
+                ):
+                    pod = ev["object"]
+                    for cs in pod.status.container_statuses or []:
+                        t = cs.state.terminated
+                        if t is not None and pod.metadata.name not in self.seen:
+                            self.seen[pod.metadata.name] = (t.exit_code, t.finished_at.timestamp())
+            except Exception:  # namespace not there yet, or the watch expired: start again
+                time.sleep(0.5)
+
+
 @dataclass
 class Env:
     cluster: Cluster
     namespace: str = "kubetune-e2e"
     core: client.CoreV1Api = field(init=False)
     custom: client.CustomObjectsApi = field(init=False)
+    terminations: Terminations = field(init=False)
 
     def __post_init__(self) -> None:
         api = config.new_client_from_config(str(self.cluster.kubeconfig))
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.terminations = Terminations(self.core, self.namespace)
 
     @property
     def data_root(self) -> Path:
@@ -253,7 +281,14 @@ def job_spec(steps: int, every: int, grace: int, cpu: str) -> dict[str, Any]:
 
 
 def create_job(env: Env, name: str, steps: int, every: int, grace: int = 30, cpu: str = "1") -> Path:
-    """Create the job with its own checkpoint claim (a hostPath PV we can read); returns that host dir."""
+    """Create the job with its own checkpoint claim (a hostPath PV we can read); returns that host dir.
+    A job of that name from an earlier run is deleted first, with its pods."""
+    try:
+        env.custom.delete_namespaced_custom_object(GROUP, VERSION, env.namespace, PLURAL, name)
+    except client.ApiException as exc:
+        if exc.status != 404:
+            raise
+    wait(lambda: not trainer_pods(env, name) and not _exists(env, name), 120, f"old {name} to go")
     ckpt = host_volume(env, f"{name}-ckpt-e2e", size="2Gi")
     shutil.rmtree(ckpt)
     ckpt.mkdir()
@@ -271,6 +306,16 @@ def create_job(env: Env, name: str, steps: int, every: int, grace: int = 30, cpu
         },
     )
     return ckpt
+
+
+def _exists(env: Env, name: str) -> bool:
+    try:
+        env.ftj(name)
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
 
 
 # ---------------------------------------------------------------- observing
@@ -359,12 +404,8 @@ def follow_recovery(env: Env, job: str, dis: Disruption, timeout: float = 300) -
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pods = trainer_pods(env, job)
-        old = next((p for p in pods if p.metadata.name == dis.pod), None)
-        if old is not None and dis.stopped_at is None:
-            for cs in old.status.container_statuses or []:
-                if cs.state.terminated:
-                    dis.stopped_at = ts(cs.state.terminated.finished_at)
-                    dis.exit_code = cs.state.terminated.exit_code
+        if dis.pod in env.terminations.seen:
+            dis.exit_code, dis.stopped_at = env.terminations.seen[dis.pod]
         newer = [p for p in pods if int(p.metadata.labels.get(LABEL_ATTEMPT, "0")) > dis.attempt]
         if newer:
             p = newer[0]
@@ -380,6 +421,8 @@ def follow_recovery(env: Env, job: str, dis: Disruption, timeout: float = 300) -
                     dis.resumed_from = step
                 if step is not None and dis.resumed_from is not None and step > dis.resumed_from:
                     dis.next_first_step_at = time.time()
+                    wait(lambda: dis.pod in env.terminations.seen, 10, f"the exit of {dis.pod}")
+                    dis.exit_code, dis.stopped_at = env.terminations.seen[dis.pod]
                     return
                 if st.get("phase") == "Succeeded":
                     return
