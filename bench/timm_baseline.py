@@ -25,9 +25,10 @@ class TimmStyle:
     def __init__(self, out: Path) -> None:
         import timm
         import torch
-        from kubetune_trainer.data import SyntheticDataset, seeded_split
         from timm.utils import CheckpointSaver
         from torch.utils.data import DataLoader
+
+        from kubetune_trainer.data import SyntheticDataset, seeded_split
 
         torch.manual_seed(0)
         self.torch = torch
