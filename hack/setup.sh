@@ -10,7 +10,7 @@ start=$(date +%s)
 
 # 1. Debian packages the tools need (only when missing).
 need=()
-for pkg in $(cat hack/apt-packages.txt 2>/dev/null | grep -v '^#'); do
+for pkg in $(cat hack/apt-packages.txt hack/apt-packages-real-node.txt 2>/dev/null | grep -v '^#'); do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need+=("$pkg")
 done
 if ((${#need[@]})); then

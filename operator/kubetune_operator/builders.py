@@ -281,9 +281,9 @@ def trainer_pod(job: FineTuneJob, attempt: int, rank: int) -> dict[str, Any]:
         "enableServiceLinks": False,
         "securityContext": {
             "runAsNonRoot": True,
-            "runAsUser": 1000,
-            "runAsGroup": 1000,
-            "fsGroup": 1000,
+            "runAsUser": 65532,  # the trainer image's user
+            "runAsGroup": 65532,
+            "fsGroup": 65532,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [_container(job, attempt, rank)],

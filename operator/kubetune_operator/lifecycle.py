@@ -41,6 +41,7 @@ _REASON_RANK = (
     "TerminationByKubelet",
     "Evicted",
     "SIGTERM",
+    "SIGKILL",
     "PodDeleted",
 )
 

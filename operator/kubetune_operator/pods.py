@@ -173,6 +173,10 @@ def classify(pod: PodView, now: datetime, start_timeout: float = 300.0) -> PodEn
             return PodEnd(
                 Outcome.FAILED, "OOMKilled", "the trainer ran out of memory: raise resources.memory"
             )
+        if pod.exit_code == 137:
+            # SIGKILL from outside (the trainer never sends itself one; the OOM killer is reported above):
+            # a node or runtime stopping the container without grace. Work since the checkpoint is lost.
+            return PodEnd(Outcome.DISRUPTED, "SIGKILL", "the trainer was killed without a grace period")
         return PodEnd(Outcome.FAILED, "Error", detail)
     if pod.phase == "Failed":
         # The pod failed without its container ending: node pressure, node shutdown, admission.
