@@ -3,14 +3,18 @@ process, and kwok GPU nodes sized for the run. Measurements only; nothing here a
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +236,51 @@ def raw_watch(path: str, on_event: Callable[[str, dict[str, Any]], None], stop: 
             time.sleep(0.2)
         finally:
             conn.close()
+
+
+class Setup:
+    """What a bench gets from `bench_namespace`: API clients, the operator, and a pod watch."""
+
+    def __init__(self, api: Any, op: Operator, namespace: str) -> None:
+        from kubernetes import client
+
+        self.api, self.op, self.namespace = api, op, namespace
+        self.core = client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self.stop = threading.Event()
+
+    def watch_pods(self, on_event: Callable[[str, dict[str, Any]], None]) -> None:
+        path = f"/api/v1/namespaces/{self.namespace}/pods"
+        threading.Thread(target=raw_watch, args=(path, on_event, self.stop), daemon=True).start()
+
+
+@contextmanager
+def bench_namespace(
+    namespace: str, node_prefix: str, nodes: int, gpus: int, pods: int, operator_workers: int
+) -> Iterator[Setup]:
+    """A fresh namespace, `nodes` kwok GPU nodes only its jobs tolerate, and one operator for it; all
+    removed afterwards (and the cluster stopped when this call started it)."""
+    from kubernetes import config
+
+    started_cluster = cluster_up()
+    install_crd()
+    api = config.new_client_from_config(config_file=str(KUBECONFIG), persist_config=False)
+    api.configuration.connection_pool_maxsize = 16
+    kubectl("delete", "namespace", namespace, "--ignore-not-found", "--wait=true", "--timeout=300s")
+    kubectl("create", "namespace", namespace)
+    node_objs = kwok_gpu_nodes(node_prefix, nodes, gpus=gpus, pods=pods)
+    for node in node_objs:
+        kubectl("apply", "-f", "-", input=json.dumps(node))
+    logdir = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
+    op = Operator(namespace, logdir / "operator.log", "--workers", str(operator_workers))
+    setup = Setup(api, op, namespace)
+    try:
+        yield setup
+    finally:
+        setup.stop.set()
+        op.stop()
+        kubectl("delete", "namespace", namespace, "--wait=false")
+        for node in node_objs:
+            kubectl("delete", "node", node["metadata"]["name"], "--ignore-not-found")
+        if started_cluster:
+            cluster_down()

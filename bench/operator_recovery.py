@@ -7,10 +7,8 @@ attempt-2 pod's ADDED event. Both times are taken in this process, so they share
 from __future__ import annotations
 
 import json
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from bench import _cluster as c
@@ -20,69 +18,46 @@ NS = "bench-recovery"
 
 
 def run() -> dict[str, Any]:
-    from kubernetes import client, config
+    with c.bench_namespace(NS, "bench-rec", nodes=2, gpus=128, pods=250, operator_workers=8) as b:
+        seen: dict[str, float] = {}
+        lock = threading.Condition()
 
-    started_cluster = c.cluster_up()
-    c.install_crd()
-    api = config.new_client_from_config(config_file=str(c.KUBECONFIG), persist_config=False)
-    core = client.CoreV1Api(api)
-    c.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", "--timeout=120s")
-    core.create_namespace({"metadata": {"name": NS}})
-    nodes = c.kwok_gpu_nodes("bench-rec", 2, gpus=128, pods=250)
-    for n in nodes:
-        core.create_node(n)
-    logdir = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
-    op = c.Operator(NS, logdir / "operator.log", "--workers", "8")
-    seen: dict[str, float] = {}
-    lock = threading.Condition()
-    stop = threading.Event()
+        def on_pod(etype: str, obj: dict[str, Any]) -> None:
+            name, phase = obj["metadata"]["name"], (obj.get("status") or {}).get("phase")
+            with lock:
+                if etype == "ADDED" and name not in seen:
+                    seen[name] = time.monotonic()
+                if phase == "Running":
+                    seen.setdefault(name + "/running", time.monotonic())
+                lock.notify_all()
 
-    def on_pod(etype: str, obj: dict[str, Any]) -> None:
-        name, phase = obj["metadata"]["name"], (obj.get("status") or {}).get("phase")
-        with lock:
-            if etype == "ADDED" and name not in seen:
-                seen[name] = time.monotonic()
-            if phase == "Running":
-                seen.setdefault(name + "/running", time.monotonic())
-            lock.notify_all()
-
-    def watch_pods() -> None:
-        c.raw_watch(f"/api/v1/namespaces/{NS}/pods", on_pod, stop)
-
-    threading.Thread(target=watch_pods, daemon=True).start()
-    try:
+        b.watch_pods(on_pod)
         docs = "\n---\n".join(json.dumps(c.bench_job(f"j{i:03d}", "bench-rec")) for i in range(JOBS))
         c.kubectl("apply", "-n", NS, "-f", "-", input=docs)
-        c.wait_until(
-            lambda: sum(k.endswith("-a1-0/running") for k in seen) >= JOBS, 180, f"{JOBS} pods Running"
-        )
+
+        def all_running() -> bool:
+            with lock:
+                return sum(k.endswith("-a1-0/running") for k in seen) >= JOBS
+
+        c.wait_until(all_running, 180, f"{JOBS} pods Running")
         latencies = []
         for i in range(JOBS):
             name = f"j{i:03d}"
             t0 = time.monotonic()
-            core.delete_namespaced_pod(f"{name}-a1-0", NS, grace_period_seconds=0)
+            b.core.delete_namespaced_pod(f"{name}-a1-0", NS, grace_period_seconds=0)
             with lock:
-                lock.wait_for(lambda n=name: f"{n}-a2-0" in seen, timeout=30)
-            if f"{name}-a2-0" in seen:
-                latencies.append(seen[f"{name}-a2-0"] - t0)
-        metrics = op.metrics()
-        return {
-            "jobs": JOBS,
-            "disruptions": JOBS,
-            "recovered": len(latencies),
-            "p50_seconds": round(c.percentile(latencies, 0.50), 4),
-            "p90_seconds": round(c.percentile(latencies, 0.90), 4),
-            "p99_seconds": round(c.percentile(latencies, 0.99), 4),
-            "max_seconds": round(max(latencies), 4) if latencies else None,
-            "operator_recovery_histogram_count": metrics.get("kubetune_recovery_seconds_count"),
-            "operator_recovery_histogram_sum": metrics.get("kubetune_recovery_seconds_sum"),
-            "target_p99_seconds": 1.0,
-        }
-    finally:
-        stop.set()
-        op.stop()
-        c.kubectl("delete", "namespace", NS, "--wait=false")
-        for n in nodes:
-            c.kubectl("delete", "node", n["metadata"]["name"], "--ignore-not-found")
-        if started_cluster:
-            c.cluster_down()
+                if lock.wait_for(lambda n=name: f"{n}-a2-0" in seen, timeout=30):
+                    latencies.append(seen[f"{name}-a2-0"] - t0)
+        metrics = b.op.metrics()
+    return {
+        "jobs": JOBS,
+        "disruptions": JOBS,
+        "recovered": len(latencies),
+        "p50_seconds": round(c.percentile(latencies, 0.50), 4),
+        "p90_seconds": round(c.percentile(latencies, 0.90), 4),
+        "p99_seconds": round(c.percentile(latencies, 0.99), 4),
+        "max_seconds": round(max(latencies), 4) if latencies else None,
+        "operator_recovery_histogram_count": metrics.get("kubetune_recovery_seconds_count"),
+        "operator_recovery_histogram_sum": metrics.get("kubetune_recovery_seconds_sum"),
+        "target_p99_seconds": 1.0,
+    }

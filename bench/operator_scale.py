@@ -8,115 +8,87 @@ hostPath provisioner binds about two claims a second, which would measure it rat
 from __future__ import annotations
 
 import json
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from bench import _cluster as c
 
 JOBS = 1000
 NS = "bench-scale"
+DONE = json.dumps({"reason": "Completed", "step": 100, "totalSteps": 100, "checkpointStep": 100})
+
+
+def _succeeded_body() -> dict[str, Any]:
+    """The status a kubelet reports for a trainer that exited 0 (kwok never ends pods itself)."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    term = {"exitCode": 0, "reason": "Completed", "message": DONE, "startedAt": now, "finishedAt": now}
+    status = {"name": "trainer", "image": "x", "imageID": "", "ready": False, "restartCount": 0, "state": {"terminated": term}}  # fmt: skip
+    return {"status": {"phase": "Succeeded", "containerStatuses": [status]}}
 
 
 def run() -> dict[str, Any]:
-    from kubernetes import client, config
+    with c.bench_namespace(NS, "bench-scale", nodes=5, gpus=256, pods=256, operator_workers=16) as b:
+        for obj in c.shared_claim(NS):
+            c.kubectl("apply", "-f", "-", input=json.dumps(obj))
+        running: set[str] = set()
+        created: set[str] = set()
+        lock = threading.Lock()
 
-    started_cluster = c.cluster_up()
-    c.install_crd()
-    api = config.new_client_from_config(config_file=str(c.KUBECONFIG), persist_config=False)
-    api.configuration.connection_pool_maxsize = 16
-    core = client.CoreV1Api(api)
-    custom = client.CustomObjectsApi(api)
-    c.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", "--timeout=300s")
-    core.create_namespace({"metadata": {"name": NS}})
-    nodes = c.kwok_gpu_nodes("bench-scale", 5, gpus=256, pods=256)
-    for n in nodes:
-        core.create_node(n)
-    for obj in c.shared_claim(NS):
-        c.kubectl("apply", "-f", "-", input=json.dumps(obj))
-    logdir = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
-    op = c.Operator(NS, logdir / "operator.log", "--workers", "16")
-    running: set[str] = set()
-    created: set[str] = set()
-    lock = threading.Lock()
-    stop = threading.Event()
+        def on_pod(etype: str, obj: dict[str, Any]) -> None:
+            with lock:
+                created.add(obj["metadata"]["name"])
+                if (obj.get("status") or {}).get("phase") == "Running":
+                    running.add(obj["metadata"]["name"])
 
-    def on_pod(etype: str, obj: dict[str, Any]) -> None:
-        with lock:
-            created.add(obj["metadata"]["name"])
-            if (obj.get("status") or {}).get("phase") == "Running":
-                running.add(obj["metadata"]["name"])
-
-    def watch_pods() -> None:
-        c.raw_watch(f"/api/v1/namespaces/{NS}/pods", on_pod, stop)
-
-    threading.Thread(target=watch_pods, daemon=True).start()
-    try:
-        requests_before = op.metrics().get("kubetune_api_requests_total", 0.0)
+        b.watch_pods(on_pod)
+        requests_before = b.op.metrics().get("kubetune_api_requests_total", 0.0)
         t0 = time.monotonic()
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(lambda i: custom.create_namespaced_custom_object(
-                "kubetune.io", "v1alpha1", NS, "finetunejobs", c.bench_job(f"s{i:04d}", "bench-scale", "shared-ckpt")), range(JOBS)))  # fmt: skip
-        created_s = time.monotonic() - t0
-        c.wait_until(lambda: len(created) >= JOBS, 600, f"{JOBS} pods created", interval=0.25)
-        to_pods = time.monotonic() - t0
-        c.wait_until(lambda: len(running) >= JOBS, 600, f"{JOBS} pods Running", interval=0.25)
-        # Finish every job as the kubelet would report it.
-        done = json.dumps({"reason": "Completed", "step": 100, "totalSteps": 100, "checkpointStep": 100})
+
+        def create(i: int) -> None:
+            job = c.bench_job(f"s{i:04d}", "bench-scale", "shared-ckpt")
+            b.custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", NS, "finetunejobs", job)
 
         def finish(i: int) -> None:
-            now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            term = {
-                "exitCode": 0,
-                "reason": "Completed",
-                "message": done,
-                "startedAt": now,
-                "finishedAt": now,
-            }
-            body = {"status": {"phase": "Succeeded", "containerStatuses": [
-                {"name": "trainer", "image": "x", "imageID": "", "ready": False, "restartCount": 0, "state": {"terminated": term}}]}}  # fmt: skip
-            core.patch_namespaced_pod_status(
-                f"s{i:04d}-a1-0", NS, body, _content_type="application/strategic-merge-patch+json"
+            b.core.patch_namespaced_pod_status(
+                f"s{i:04d}-a1-0",
+                NS,
+                _succeeded_body(),
+                _content_type="application/strategic-merge-patch+json",
             )
 
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(finish, range(JOBS)))
-
         def succeeded() -> bool:
-            items = custom.list_namespaced_custom_object("kubetune.io", "v1alpha1", NS, "finetunejobs")[
+            items = b.custom.list_namespaced_custom_object("kubetune.io", "v1alpha1", NS, "finetunejobs")[
                 "items"
             ]
             return sum((j.get("status") or {}).get("phase") == "Succeeded" for j in items) >= JOBS
 
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(create, range(JOBS)))
+        created_s = time.monotonic() - t0
+        c.wait_until(lambda: len(created) >= JOBS, 600, f"{JOBS} pods created", interval=0.25)
+        to_pods = time.monotonic() - t0
+        c.wait_until(lambda: len(running) >= JOBS, 600, f"{JOBS} pods Running", interval=0.25)
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(finish, range(JOBS)))
         c.wait_until(succeeded, 600, f"{JOBS} jobs Succeeded", interval=1.0)
         lifecycle_s = time.monotonic() - t0
-        metrics = op.metrics()
-        requests = metrics.get("kubetune_api_requests_total", 0.0) - requests_before
-        return {
-            "jobs": JOBS,
-            "seconds_to_create_jobs": round(created_s, 2),
-            "seconds_to_all_pods": round(to_pods, 2),
-            "seconds_to_all_succeeded": round(lifecycle_s, 2),
-            "peak_rss_mb": round(op.peak_rss_mb(), 1),
-            "requests_per_job": round(requests / JOBS, 2),
-            "reconcile_count": metrics.get("kubetune_reconcile_seconds_count"),
-            "reconcile_mean_ms": round(
-                1000
-                * metrics.get("kubetune_reconcile_seconds_sum", 0)
-                / max(1, metrics.get("kubetune_reconcile_seconds_count", 1)),
-                2,
-            ),
-            "target_peak_rss_mb": 300,
-            "checkpoint_storage": "one shared existingClaim",
-        }
-    finally:
-        stop.set()
-        op.stop()
-        c.kubectl("delete", "namespace", NS, "--wait=false")
-        for n in nodes:
-            c.kubectl("delete", "node", n["metadata"]["name"], "--ignore-not-found")
-        if started_cluster:
-            c.cluster_down()
+        metrics = b.op.metrics()
+        rss = b.op.peak_rss_mb()
+    requests = metrics.get("kubetune_api_requests_total", 0.0) - requests_before
+    reconciles = metrics.get("kubetune_reconcile_seconds_count", 0.0)
+    return {
+        "jobs": JOBS,
+        "seconds_to_create_jobs": round(created_s, 2),
+        "seconds_to_all_pods": round(to_pods, 2),
+        "seconds_to_all_succeeded": round(lifecycle_s, 2),
+        "peak_rss_mb": round(rss, 1),
+        "requests_per_job": round(requests / JOBS, 2),
+        "reconcile_count": reconciles,
+        "reconcile_mean_ms": round(
+            1000 * metrics.get("kubetune_reconcile_seconds_sum", 0) / max(1.0, reconciles), 2
+        ),
+        "target_peak_rss_mb": 300,
+        "checkpoint_storage": "one shared existingClaim",
+    }

@@ -64,12 +64,7 @@ def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, An
     """A JSON merge patch turning `old` into `new`, or None when nothing changed (no write needed)."""
     if dict(old) == dict(new):
         return None
-    patch: dict[str, Any] = {}
-    for key in set(old) | set(new):
-        if key not in new:
-            patch[key] = None
-        elif old.get(key) != new[key]:
-            patch[key] = _merge_diff(old.get(key), new[key])
+    patch: dict[str, Any] = _merge_diff(old, new)
     return patch
 
 
