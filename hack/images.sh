@@ -106,7 +106,11 @@ build() { # build <image> <dockerfile>
     --build-arg "BASE_IMAGE=$BASE_IMAGE" \
     --volume "$WHEELS:/wheelhouse:ro" --volume "$IMAGES/pip.conf:/etc/pip.conf:ro" \
     -f "$REPO/$dockerfile" -t "$image" "$REPO" >"$IMAGES/build-$(basename "${image%%:*}").log" 2>&1 ||
-    { tail -30 "$IMAGES/build-$(basename "${image%%:*}").log" >&2; die "build of $image failed"; }
+    { tail -30 "$IMAGES/build-$(basename "${image%%:*}").log" >&2; buildah rm --all >/dev/null 2>&1 || true
+      die "build of $image failed"; }
+  # Each trainer build leaves ~6 GB of layers; drop those no tagged image uses any more (an earlier
+  # build's), so the disk holds one generation. This machine's disk is small: it matters.
+  buildah rmi --prune >/dev/null 2>&1 || true
   log "$image: $(buildah images --format '{{.Size}}' "$image" | head -1)"
 }
 
@@ -125,6 +129,9 @@ import_one() { # import_one <image>: into the real node's containerd unless this
   fi
   tar=$IMAGES/import-$$.tar
   buildah push -q "$image" "docker-archive:$tar:$image"
+  # Delete the previous version first and let containerd's GC free its layers (--sync waits for it):
+  # a re-import only moves the tag, and the old 6 GB would stay in the store.
+  ctr --address "$SOCK" -n k8s.io images rm --sync "$name" >/dev/null 2>&1 || true
   ctr --address "$SOCK" -n k8s.io images import "$tar" >/dev/null
   rm -f "$tar"
   mkdir -p "$IMAGES/imported"; echo "$id" >"$stamp"

@@ -63,9 +63,13 @@ class Cluster:
         }
 
     def sh(self, *argv: str, timeout: float = 3600, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            list(argv), env=self.env(), cwd=REPO, text=True, capture_output=True, timeout=timeout, check=check
+        proc = subprocess.run(
+            list(argv), env=self.env(), cwd=REPO, text=True, capture_output=True, timeout=timeout
         )
+        if check and proc.returncode != 0:
+            tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-40:])
+            raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}; its last output:\n{tail}")
+        return proc
 
     def up(self) -> None:
         self.sh("bash", "hack/cluster.sh", "up", timeout=300)
