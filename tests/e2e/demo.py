@@ -11,6 +11,7 @@ manifest uninterrupted on the host and compares the final weights bit for bit.
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 import time
 from typing import Any
@@ -21,7 +22,8 @@ from rich.table import Table
 
 from tests.e2e import scenario as sc
 
-console = Console()
+# Wide enough for the tables when the output is a log file rather than a terminal.
+console = Console(width=None if sys.stdout.isatty() else 140)
 
 
 def job_table(env: sc.Env, job: str) -> Table:
@@ -120,7 +122,7 @@ def summary(
 ) -> None:
     console.rule("summary")
     console.print(
-        f"phase [bold]{st.get('phase')}[/bold] in {took:.0f}s; attempts {int(st.get('attempt', 0)) + 1}; "
+        f"phase [bold]{st.get('phase')}[/bold] in {took:.0f}s; attempts {int(st.get('attempt', 0))}; "
         f"preemptions {st.get('preemptions')} {st.get('preemptionsByReason') or ''}; "
         f"failures {st.get('failures', 0)}; lost steps {st.get('lostSteps', 0)}"
     )
