@@ -165,10 +165,11 @@ def classify(pod: PodView, now: datetime, start_timeout: float = 300.0) -> PodEn
             return PodEnd(Outcome.SUCCEEDED, "Completed", detail)
         if pod.exit_code == 2 or (report is not None and report.reason == "InvalidConfig"):
             return PodEnd(Outcome.PERMANENT, "InvalidConfig", detail)
+        if pod.deleting_since is not None:
+            # Someone deleted the pod (`kubectl delete pod`): that, not the SIGTERM it caused, is the reason.
+            return PodEnd(Outcome.DISRUPTED, "PodDeleted", f"deleted while running ({detail})")
         if pod.exit_code == 143 or (report is not None and report.reason == "Preempted"):
             return PodEnd(Outcome.DISRUPTED, "SIGTERM", "the trainer was stopped by SIGTERM and checkpointed")
-        if pod.deleting_since is not None:
-            return PodEnd(Outcome.DISRUPTED, "PodDeleted", f"deleted while running ({detail})")
         if pod.terminated_reason == "OOMKilled":
             return PodEnd(
                 Outcome.FAILED, "OOMKilled", "the trainer ran out of memory: raise resources.memory"

@@ -55,6 +55,7 @@ OLD = T0 - timedelta(seconds=301)
         (pod(phase="Failed", exit_code=137, terminated_reason="OOMKilled"), pods.Outcome.FAILED, "OOMKilled"),
         (pod(phase="Failed", exit_code=1, report=report("Error")), pods.Outcome.FAILED, "Error"),
         (pod(phase="Failed", exit_code=137, deleting_since=T0), pods.Outcome.DISRUPTED, "PodDeleted"),
+        (pod(phase="Failed", exit_code=143, deleting_since=T0), pods.Outcome.DISRUPTED, "PodDeleted"),
         (pod(phase="Failed", exit_code=137, terminated_reason="Error"), pods.Outcome.DISRUPTED, "SIGKILL"),
         (pod(phase="Failed", exit_code=139, terminated_reason="Error"), pods.Outcome.FAILED, "Error"),
         (
