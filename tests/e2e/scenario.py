@@ -10,6 +10,11 @@ next attempt got through each stage of its start.
 
 from __future__ import annotations
 
+try:  # under pytest, tests/ is on sys.path (tests/conftest.py)
+    from wandbfile import read_wandb_records
+except ImportError:  # `python -m tests.e2e.demo` from the repository root
+    from tests.wandbfile import read_wandb_records
+
 import contextlib
 import json
 import os
@@ -607,35 +612,6 @@ def wandb_history_steps(ckpt: Path) -> tuple[set[str], list[int]]:
                 if rec.WhichOneof("record_type") == "history":
                     steps.append(rec.history.step.num)
     return ids, steps
-
-
-def read_wandb_records(path: Path) -> list[Any]:
-    """Records of a .wandb file (leveldb-style log: 7-byte header, 32 KiB blocks, 7-byte record headers
-    crc32/len/type with FULL=1, FIRST=2, MIDDLE=3, LAST=4); as in tests/trainer/test_telemetry.py."""
-    import struct
-
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    records: list[Any] = []
-    pending, pos, block = b"", 7, 32768
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if kind == 0 and length == 0:
-            pos += left
-            continue
-        chunk = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        pending = chunk if kind in (1, 2) else pending + chunk
-        if kind in (1, 4):
-            rec = wandb_internal_pb2.Record()
-            rec.ParseFromString(pending)
-            records.append(rec)
-    return records
 
 
 def operator_preemptions(env: Env) -> dict[str, float]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import struct
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +11,8 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from wandbfile import read_wandb_records
 
 from .helpers import Job, tiny_spec, wait_for
 
@@ -94,36 +95,6 @@ def test_metrics_endpoint_during_training_and_after_resume(job_factory: Callable
     assert again["kubetune_trainer_lost_steps"]["samples"]["kubetune_trainer_lost_steps_total"][0] == 0
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
-
-
-def read_wandb_records(path: Path) -> list[Any]:
-    """Records of a .wandb file (a leveldb-style log of protobuf Records: 7-byte file header, 32 KiB blocks,
-    7-byte record headers crc32/len/type with FULL=1, FIRST=2, MIDDLE=3, LAST=4)."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", path
-    records, pending, pos, block = [], b"", 7, 32768
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if kind == 0 and length == 0:
-            pos += left
-            continue
-        chunk = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 2):
-            pending = chunk
-        else:
-            pending += chunk
-        if kind in (1, 4):
-            rec = wandb_internal_pb2.Record()
-            rec.ParseFromString(pending)
-            records.append(rec)
-    return records
 
 
 @pytest.mark.slow
