@@ -161,17 +161,61 @@ def wait(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0
 
 
 def install_operator(env: Env) -> None:
-    """helm install the chart; the operator runs as a real pod on the real node, from the built image."""
-    env.cluster.sh(
-        str(BIN / "helm"), "upgrade", "--install", RELEASE, str(REPO / "charts" / "kubetune"),
-        "--namespace", OPERATOR_NS, "--create-namespace", "--wait", "--timeout", "5m",
-        "--set", f"image.repository={OPERATOR_IMAGE}", "--set", f"image.tag={IMAGE_TAG}",
-        "--set", "image.pullPolicy=Never",
-        "--set", f"trainer.image.repository={TRAINER_IMAGE}", "--set", f"trainer.image.tag={IMAGE_TAG}",
-        "--set", "operator.scrapeIntervalSeconds=2",
-        "--set-string", "nodeSelector.kubetune\\.io/node-kind=real",
-        timeout=400,
-    )  # fmt: skip
+    """helm install the chart; the operator runs as a real pod on the real node, from the built image.
+    If the release does not become ready, the error carries what the cluster says about why."""
+    try:
+        env.cluster.sh(
+            str(BIN / "helm"), "upgrade", "--install", RELEASE, str(REPO / "charts" / "kubetune"),
+            "--namespace", OPERATOR_NS, "--create-namespace", "--wait", "--timeout", "5m",
+            "--set", f"image.repository={OPERATOR_IMAGE}", "--set", f"image.tag={IMAGE_TAG}",
+            "--set", "image.pullPolicy=Never",
+            "--set", f"trainer.image.repository={TRAINER_IMAGE}", "--set", f"trainer.image.tag={IMAGE_TAG}",
+            "--set", "operator.scrapeIntervalSeconds=2",
+            "--set-string", "nodeSelector.kubetune\\.io/node-kind=real",
+            timeout=400,
+        )  # fmt: skip
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}\n{diagnose(env, OPERATOR_NS)}") from None
+
+
+DIAGNOSTICS = CACHE / "e2e-diagnostics"
+
+
+def diagnose(env: Env, namespace: str) -> str:
+    """What the cluster says about a namespace whose pods did not come up: node conditions, pod states,
+    events, container logs, and the real node's kubelet/containerd log tails. The whole dump goes to
+    ~/.cache/kubetune/e2e-diagnostics/ (it outlives the cluster's teardown); a short part is returned."""
+    kubectl = str(BIN / "kubectl")
+    sections: list[tuple[str, list[str]]] = [
+        ("nodes", ["get", "nodes", "-o", "wide"]),
+        ("real node conditions", ["get", "node", REAL_NODE, "-o",
+                                  "jsonpath={range .status.conditions[*]}{.type}={.status} {.reason}: "
+                                  "{.message}{\"\\n\"}{end}"]),
+        ("pods", ["get", "pods", "-n", namespace, "-o", "wide"]),
+        ("container states", ["get", "pods", "-n", namespace, "-o",
+                              "jsonpath={range .items[*]}{.metadata.name}: {.status.phase} "
+                              "{.status.containerStatuses[*].state} "
+                              "{.status.containerStatuses[*].lastState}{\"\\n\"}{end}"]),
+        ("events", ["get", "events", "-n", namespace, "--sort-by=.lastTimestamp"]),
+        ("logs", ["logs", "-n", namespace, "--all-containers", "--tail=40", "--prefix",
+                  "-l", "app.kubernetes.io/name=kubetune"]),
+        ("previous logs", ["logs", "-n", namespace, "--all-containers", "--tail=40", "--prefix",
+                           "--previous", "-l", "app.kubernetes.io/name=kubetune"]),
+    ]  # fmt: skip
+    out: list[str] = []
+    for title, args in sections:
+        proc = env.cluster.sh(kubectl, *args, timeout=60, check=False)
+        out += [f"---- {title}", (proc.stdout + proc.stderr).rstrip()]
+    for name in ("kubelet", "containerd"):
+        log = env.cluster.dir / "real-node" / "logs" / f"{name}.log"
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else [f"({log} missing)"]
+        out += [f"---- {log} (last 40 lines)", *lines[-40:]]
+    text = "\n".join(out)
+    DIAGNOSTICS.mkdir(parents=True, exist_ok=True)
+    dump = DIAGNOSTICS / f"{time.strftime('%Y%m%dT%H%M%S')}-{namespace}.txt"
+    dump.write_text(text + "\n")
+    short = "\n".join(text.splitlines()[:120])
+    return f"{short}\n(the whole dump: {dump})"
 
 
 def operator_pod(env: Env) -> client.V1Pod:
