@@ -24,8 +24,8 @@ def run() -> dict[str, Any]:
 
     cluster = sc.Cluster()
     t0 = time.monotonic()
-    cluster.up()
-    try:
+    try:  # a failed `up` leaves parts behind too: `down` cleans them
+        cluster.up()
         images_log = cluster.images()
         env = sc.Env(cluster)
         sc.prepare_namespace(env)

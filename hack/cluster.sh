@@ -104,7 +104,14 @@ start() {
   [[ -x $BIN/$c ]] || die "$BIN/$c is missing: run 'bash hack/build-binaries.sh' (or make setup)"
   # 8>&-: the component must not inherit (and so hold) the up/down lock.
   setsid "$BIN/$c" "$@" "${extra[@]}" </dev/null >"$DIR/logs/$c.log" 2>&1 8>&- &
-  echo $! >"$(pidfile "$c")"
+  local pid=$! i
+  echo "$pid" >"$(pidfile "$c")"
+  # Until the fork execs, /proc/$pid/cmdline is this script's, and `ours` would call the component
+  # gone ("exited during startup", with an empty log) on a loaded machine: wait for the exec.
+  for ((i = 0; i < 200; i++)); do
+    ours "$c" >/dev/null || [[ ! -e /proc/$pid ]] && return 0
+    sleep 0.05
+  done
 }
 
 # wait_until <component> <command...>: poll the command until it succeeds, or report the component.

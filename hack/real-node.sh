@@ -97,7 +97,14 @@ stop_one() {
 start() {
   local name=$1; shift
   setsid "$@" </dev/null >"$STATE/logs/$name.log" 2>&1 8>&- &
-  echo $! >"$(pidfile "$name")"
+  local pid=$! i
+  echo "$pid" >"$(pidfile "$name")"
+  # Until the fork execs, /proc/$pid/cmdline is this script's, and `ours` would call the process
+  # gone ("exited during startup", with an empty log) on a loaded machine: wait for the exec.
+  for ((i = 0; i < 200; i++)); do
+    ours "$name" >/dev/null || [[ ! -e /proc/$pid ]] && return 0
+    sleep 0.05
+  done
 }
 
 wait_until() {

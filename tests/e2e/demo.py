@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(
         f"cluster in {cluster.dir} (apiserver 127.0.0.1:{cluster.api_port}) with real node {sc.REAL_NODE}"
     )
-    cluster.up()
-    try:
+    try:  # a failed `up` leaves parts behind too: `down` cleans them
+        cluster.up()
         console.print("images (debootstrap base, buildah builds of both Dockerfiles; cached):")
         for line in cluster.images().splitlines():
             console.print(f"  {line}")

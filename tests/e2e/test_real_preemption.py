@@ -38,8 +38,8 @@ def env() -> Iterator[sc.Env]:
     if reason:
         pytest.skip(reason)
     cluster = sc.Cluster()
-    cluster.up()
-    try:
+    try:  # a failed `up` leaves parts behind too: `down` cleans them
+        cluster.up()
         cluster.images()
         e = sc.Env(cluster)
         sc.prepare_namespace(e)
