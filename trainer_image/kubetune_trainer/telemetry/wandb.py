@@ -26,6 +26,12 @@ class WandbTelemetry(Telemetry):
     def start(self, info: RunInfo) -> None:
         import os
 
+        if self.cfg.mode in ("offline", "disabled"):
+            # wandb's process-wide settings come from the environment, not from init(mode=...): left
+            # "online" there, wandb sends its own SDK telemetry when the process exits. In a pod without
+            # egress that was two 5 s DNS timeouts between the SIGTERM checkpoint and the exit, on every
+            # preemption (measured on the real node: SIGTERM -> exit 11 s, 0.4 s without).
+            os.environ["WANDB_MODE"] = self.cfg.mode
         import wandb
 
         self._last = info.last_logged_step
