@@ -138,11 +138,28 @@ import_one() { # import_one <image>: into the real node's containerd unless this
   log "import: $image"
 }
 
+# The CRI plugin also names every image it has seen by its ID (sha256:<config digest>). When a tag moves to
+# a new build, that alias keeps the old image (6 GB for the trainer) alive: drop the aliases that no tag
+# points at any more; --sync lets containerd's GC free their layers before the next import needs the space.
+prune_aliases() {
+  local named ref digest
+  named=$(ctr --address "$SOCK" -n k8s.io images ls | awk 'NR > 1 && $1 !~ /^sha256:/ {print $3}')
+  while read -r ref digest; do
+    grep -qxF "$digest" <<<"$named" && continue
+    ctr --address "$SOCK" -n k8s.io images rm --sync "$ref" >/dev/null 2>&1 &&
+      log "import: dropped $ref (no tag points at it)"
+  done < <(ctr --address "$SOCK" -n k8s.io images ls | awk 'NR > 1 && $1 ~ /^sha256:/ {print $1, $3}')
+  true
+}
+
 import() {
   local i
+  [[ -S $SOCK ]] || die "the real node's containerd is not running ($SOCK): KUBETUNE_REAL_NODE=1 make cluster-up"
+  prune_aliases
   for i in "$BASE_IMAGE" "$OPERATOR_IMAGE" "$TRAINER_IMAGE"; do
     has_image "$i" && import_one "${i#localhost/}"
   done
+  prune_aliases
 }
 
 mkdir -p "$IMAGES"

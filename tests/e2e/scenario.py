@@ -202,7 +202,8 @@ def diagnose(env: Env, namespace: str) -> str:
         ("previous logs", ["logs", "-n", namespace, "--all-containers", "--tail=40", "--prefix",
                            "--previous", "-l", "app.kubernetes.io/name=kubetune"]),
     ]  # fmt: skip
-    out: list[str] = []
+    free = shutil.disk_usage(CACHE if CACHE.exists() else "/")
+    out = [f"---- disk: {free.free / 2**30:.1f} GiB free of {free.total / 2**30:.0f} GiB ({CACHE})"]
     for title, args in sections:
         proc = env.cluster.sh(kubectl, *args, timeout=60, check=False)
         out += [f"---- {title}", (proc.stdout + proc.stderr).rstrip()]
