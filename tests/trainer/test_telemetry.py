@@ -132,3 +132,51 @@ def test_wandb_one_run_across_restarts_no_step_twice_or_missing(
             preempting += kind == "preempting"
     assert steps == list(range(1, total + 1)), steps
     assert preempting == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_offline_wandb_never_touches_the_network(tmp_path: Path, job_factory: Callable[..., Job]) -> None:
+    """An offline W&B run opens no connection, at exit included. wandb (0.31) decides about its own SDK
+    telemetry from process-wide settings, not from init(mode=...): left online it posted to W&B at exit,
+    and in a pod without egress that was two 5 s DNS timeouts between the SIGTERM checkpoint and the exit.
+    Every HTTP(S) request of the trainer process goes through the proxy below; none may arrive."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.2)
+    proxy = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    job = job_factory(
+        tiny_spec(
+            training={"maxSteps": 400},
+            checkpoint={"everySteps": 4},
+            wandb={"mode": "offline", "project": "kubetune-test"},
+        )
+    )
+    (tmp_path / "wb").mkdir()
+    env = {
+        "WANDB_DIR": str(tmp_path / "wb"),
+        "WANDB_MODE": "online",  # what a pod has when nothing sets it: the job's mode must win
+        "HTTPS_PROXY": proxy,
+        "HTTP_PROXY": proxy,
+        "NO_PROXY": "",
+    }
+    proc = job.start(**env)
+    connections = 0
+    try:
+        wait_for(lambda: (job.progress().get("step") or 0) >= 8, 120, "8 steps")
+        proc.send_signal(signal.SIGTERM)
+        while proc.poll() is None:
+            try:
+                conn, _ = listener.accept()
+                conn.close()
+                connections += 1
+            except TimeoutError:
+                pass
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        listener.close()
+    assert proc.wait(timeout=60) == 143, job.log_text()
+    assert connections == 0, f"{connections} connection(s) to the proxy from an offline run\n{job.log_text()}"
+    assert list((tmp_path / "wb" / "wandb").glob("offline-run-*")), "no offline run written"
