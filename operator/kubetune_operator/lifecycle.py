@@ -1,7 +1,8 @@
 """How each trainer pod ended, and what the job does next: pure functions of what was observed.
 
 `pods.classify` reads one pod the way a user would; `plan` takes the job, its current status and
-its pods, and returns the new status plus the actions to take. It is the only place that decides; the controller only gathers inputs and applies the plan.
+its pods, and returns the new status plus the actions to take. It is the only place that decides;
+the controller only gathers inputs and applies the plan.
 
 Restart bookkeeping lives in the status, so a restarted operator never double-counts:
 - `status.attempt` is the attempt whose pods should exist; older attempts' pods are torn down.
