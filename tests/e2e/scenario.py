@@ -11,8 +11,12 @@ next attempt got through each stage of its start.
 from __future__ import annotations
 
 try:  # under pytest, tests/ is on sys.path (tests/conftest.py)
+    from kubeutil import BIN_DIR as BIN
+    from kubeutil import REPO, wait_for
     from wandbfile import read_wandb_records
 except ImportError:  # `python -m tests.e2e.demo` from the repository root
+    from tests.kubeutil import BIN_DIR as BIN
+    from tests.kubeutil import REPO, wait_for
     from tests.wandbfile import read_wandb_records
 
 import contextlib
@@ -31,9 +35,7 @@ from typing import Any
 import yaml
 from kubernetes import client, config, watch
 
-REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kubetune"
-BIN = Path(os.environ.get("KUBETUNE_BIN_DIR", CACHE / "bin" / "current"))
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 OPERATOR_IMAGE = "kubetune.local/kubetune-operator"
 TRAINER_IMAGE = "kubetune.local/kubetune-trainer"
@@ -144,17 +146,6 @@ class Env:
 
     def status(self, name: str) -> dict[str, Any]:
         return dict(self.ftj(name).get("status") or {})
-
-
-def wait(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 # ---------------------------------------------------------------- setup
@@ -342,7 +333,7 @@ def create_job(env: Env, name: str, steps: int, every: int, grace: int = 30, cpu
     except client.ApiException as exc:
         if exc.status != 404:
             raise
-    wait(lambda: not trainer_pods(env, name) and not _exists(env, name), 120, f"old {name} to go")
+    wait_for(lambda: not trainer_pods(env, name) and not _exists(env, name), 120, desc=f"old {name} to go")
     ckpt = host_volume(env, f"{name}-ckpt-e2e", size="2Gi")
     shutil.rmtree(ckpt)
     ckpt.mkdir()
@@ -475,7 +466,7 @@ def follow_recovery(env: Env, job: str, dis: Disruption, timeout: float = 300) -
                     dis.resumed_from = step
                 if step is not None and dis.resumed_from is not None and step > dis.resumed_from:
                     dis.next_first_step_at = time.time()
-                    wait(lambda: dis.pod in env.terminations.seen, 10, f"the exit of {dis.pod}")
+                    wait_for(lambda: dis.pod in env.terminations.seen, 10, desc=f"the exit of {dis.pod}")
                     dis.exit_code, dis.stopped_at = env.terminations.seen[dis.pod]
                     return
                 if st.get("phase") == "Succeeded":
@@ -514,7 +505,7 @@ def preempt_by_scheduler(env: Env, pod: client.V1Pod) -> Callable[[], None]:
     )
 
     def release() -> None:
-        wait(lambda: _phase(env, name) == "Running", 120, "the preemptor to run")
+        wait_for(lambda: _phase(env, name) == "Running", 120, desc="the preemptor to run")
         env.core.delete_namespaced_pod(name, env.namespace, grace_period_seconds=0)
 
     return release
@@ -586,9 +577,13 @@ KINDS: dict[str, Callable[[Env, client.V1Pod], Any]] = {
 def disrupt(env: Env, job: str, kind: str, min_progress: int, log: Callable[[str], None]) -> Disruption:
     """Wait until the running attempt trained `min_progress` steps past where it started, then disrupt it
     and follow the next attempt to its first step."""
-    pod = wait(lambda: running_trainer(env, job), 300, f"a running trainer of {job}")
-    first = wait(lambda: trainer_step(pod), 300, "the trainer's metrics")
-    wait(lambda: (trainer_step(pod) or 0) >= first + min_progress, 300, f"{min_progress} steps of training")
+    pod = wait_for(lambda: running_trainer(env, job), 300, desc=f"a running trainer of {job}")
+    first = wait_for(lambda: trainer_step(pod), 300, desc="the trainer's metrics")
+    wait_for(
+        lambda: (trainer_step(pod) or 0) >= first + min_progress,
+        300,
+        desc=f"{min_progress} steps of training",
+    )
     attempt = int(pod.metadata.labels.get(LABEL_ATTEMPT, "0"))
     dis = Disruption(kind, pod.metadata.name, attempt, time.time(), trainer_step(pod))
     log(f"{kind}: {pod.metadata.name} at step {dis.step_at_disruption}")
@@ -609,7 +604,7 @@ def wait_done(
             on_tick(st)
         return st if st.get("phase") in ("Succeeded", "Failed") else None
 
-    result: dict[str, Any] = wait(done, timeout, f"{job} to finish", interval=1)
+    result: dict[str, Any] = wait_for(done, timeout, interval=1, desc=f"{job} to finish")
     return result
 
 
