@@ -36,6 +36,8 @@ class ModelConfig:
     """Classifier size; null means the number of classes found in the data."""
     freeze: str | tuple[str, ...] = "none"
     """`none`, `backbone` (everything but the classifier) or a list of parameter-name prefixes."""
+    strictWeights: bool = True
+    """Tensors of model.weights that cannot load (other than the replaced classifier) are an error."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     syntheticSamples: int = 256
     """Number of samples of the synthetic dataset."""
+    maxBadFraction: float = 0.01
+    """Share of a split's images that may fail to decode (each is replaced by a seeded other sample)."""
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,8 @@ class DataBundle:
     classes: list[str]
     image_size: int
     skipped_images: int
+    eval_cfg: dict[str, Any]
+    """eval_data_config(): the transform every split uses, and what the export's pretrained_cfg states."""
 
 
 def _scan_folder(
@@ -125,18 +127,27 @@ def seeded_split(n: int, val_fraction: float, seed: int) -> tuple[list[int], lis
     return sorted(perm[n_val:]), sorted(perm[:n_val])
 
 
-def build_transform(model_data_cfg: dict[str, Any], image_size: int) -> Any:
+def eval_data_config(model_data_cfg: dict[str, Any], image_size: int) -> dict[str, Any]:
+    """The eval transform's settings (timm `create_transform` keyword names) for the size trained at.
+
+    Training, evaluation and the exported `pretrained_cfg` all use exactly these values, so a user who
+    resolves the exported model's data config with timm gets the transform the model was trained with.
+    """
+    return {
+        "input_size": (3, image_size, image_size),
+        "interpolation": model_data_cfg.get("interpolation", "bilinear"),
+        "mean": tuple(model_data_cfg.get("mean", (0.485, 0.456, 0.406))),
+        "std": tuple(model_data_cfg.get("std", (0.229, 0.224, 0.225))),
+        "crop_pct": model_data_cfg.get("crop_pct", 1.0),
+        "crop_mode": model_data_cfg.get("crop_mode", "center"),
+    }
+
+
+def build_transform(eval_cfg: dict[str, Any]) -> Any:
     from timm.data import create_transform
 
-    return create_transform(
-        input_size=(3, image_size, image_size),
-        is_training=False,  # no random augmentation: exact resume needs sample = f(index)
-        interpolation=model_data_cfg.get("interpolation", "bilinear"),
-        mean=model_data_cfg.get("mean", (0.485, 0.456, 0.406)),
-        std=model_data_cfg.get("std", (0.229, 0.224, 0.225)),
-        crop_pct=model_data_cfg.get("crop_pct", 1.0),
-        crop_mode=model_data_cfg.get("crop_mode", "center"),
-    )
+    # no random augmentation: exact resume needs sample = f(index)
+    return create_transform(is_training=False, **eval_cfg)
 
 
 def build_datasets(
@@ -144,6 +155,7 @@ def build_datasets(
 ) -> DataBundle:
     """Datasets for the spec; ConfigError (exit 2) for missing or broken data."""
     image_size = cfg.imageSize or int(model_data_cfg["input_size"][-1])
+    eval_cfg = eval_data_config(model_data_cfg, image_size)
     if cfg.format == "synthetic":
         k = num_classes or 10
         train_idx, val_idx = seeded_split(cfg.syntheticSamples, cfg.valFraction, seed)
@@ -154,11 +166,12 @@ def build_datasets(
             [f"class_{i}" for i in range(k)],
             image_size,
             0,
+            eval_cfg,
         )
     root = Path(cfg.path or "")
     if not root.exists():
         raise ConfigError(f"data.path: {root} does not exist")
-    transform = build_transform(model_data_cfg, image_size)
+    transform = build_transform(eval_cfg)
     if (root / "train").is_dir():
         train_samples, classes, bad = _scan_folder(root / "train")
         val_samples: list[tuple[str, int]] = []
@@ -175,7 +188,7 @@ def build_datasets(
             f"model.numClasses: {num_classes} is fewer than the {len(classes)} classes found in {root}"
         )
     val = ImageListDataset(val_samples, transform) if val_samples else None
-    return DataBundle(ImageListDataset(train_samples, transform), val, classes, image_size, bad)
+    return DataBundle(ImageListDataset(train_samples, transform), val, classes, image_size, bad, eval_cfg)
 
 
 class ResumableBatchSampler(Sampler[list[int]]):

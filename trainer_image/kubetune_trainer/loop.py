@@ -490,9 +490,14 @@ class Trainer:
         if self.rt.rank == 0:
             net = self._eval_model()
             pcfg = dict(getattr(model_mod.unwrap(self.model), "pretrained_cfg", {}) or {})
-            pcfg["num_classes"] = self.num_classes
             final = export_final(
-                self.root / "final", net.state_dict(), self.cfg.model.name, pcfg, self.data.classes
+                self.root / "final",
+                net.state_dict(),
+                self.cfg.model.name,
+                pcfg,
+                self.data.eval_cfg,
+                self.data.classes,
+                self.num_classes,
             )
             log.info("final model written to %s", final)
         if self.rt.distributed:
