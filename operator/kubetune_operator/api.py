@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune_trainer.config import OPERATOR_ONLY_FIELDS, SECTIONS  # pure: no torch, no timm
+
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
 PLURAL = "finetunejobs"
@@ -19,13 +21,9 @@ KIND = "FineTuneJob"
 API_VERSION = f"{GROUP}/{VERSION}"
 
 # Spec sections the trainer reads (the trainer's own config module owns their fields and defaults).
-TRAINER_SECTIONS = ("model", "data", "training", "checkpoint", "wandb", "metrics")
+TRAINER_SECTIONS = tuple(SECTIONS)
 # Fields inside trainer sections that only the operator uses; the trainer accepts and ignores them.
-OPERATOR_ONLY_NESTED = {
-    "data": ("claimName",),
-    "checkpoint": ("storage", "existingClaim", "retainOnDelete"),
-    "wandb": ("apiKeySecretRef",),
-}
+OPERATOR_ONLY_NESTED = {section: tuple(sorted(keys)) for section, keys in OPERATOR_ONLY_FIELDS.items()}
 
 DATA_MOUNT = "/data"
 CHECKPOINT_MOUNT = "/checkpoints"

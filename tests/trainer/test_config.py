@@ -53,7 +53,13 @@ def test_defaults() -> None:
         ("data", {"format": "csv"}, "data.format: must be one of imagefolder, synthetic"),
         ("data", {"valFraction": 1.0}, "data.valFraction"),
         ("data", {"numWorkers": -1}, "data.numWorkers: must be >= 0"),
-        ("data", {"imageSize": 0}, "data.imageSize: must be > 0"),
+        ("data", {"imageSize": 0}, "data.imageSize: must be >= 8, got 0"),
+        ("data", {"valFraction": 0.95}, "data.valFraction: must be <= 0.9, got 0.95"),
+        ("training", {"learningRate": 11}, "training.learningRate: must be <= 10, got 11"),
+        ("training", {"labelSmoothing": 1.0}, "training.labelSmoothing: must be < 1, got 1"),
+        ("training", {"learningRate": "fast"}, "training.learningRate: must be a number"),
+        ("data", {"maxBadFraction": 2}, "data.maxBadFraction: must be <= 1, got 2"),
+        ("model", {"strictWeights": "no"}, "model.strictWeights: must be true or false"),
         ("model", {"numClasses": 0}, "model.numClasses: must be > 0"),
         ("model", {"freeze": "head"}, "model.freeze: must be none, backbone or a list"),
         ("model", {"freeze": []}, "model.freeze: must be a string or a non-empty list"),
@@ -129,6 +135,82 @@ def test_resume_mismatch_names_the_field() -> None:
     assert c.resume_mismatch(old, c.parse_spec(spec_with("training", batchSize=8, maxSteps=50))) is None
     msg = c.resume_mismatch(old, c.parse_spec(spec_with("training", batchSize=16)))
     assert msg is not None and msg.startswith("training.batchSize: changed from 8 to 16")
+
+
+@pytest.mark.parametrize(
+    ("section", "values"),
+    [
+        ("training", {"learningRate": 0.01}),
+        ("training", {"weightDecay": 0.0}),
+        ("training", {"scheduler": "constant"}),
+        ("training", {"warmupSteps": 5}),
+        ("training", {"labelSmoothing": 0.1}),
+        ("training", {"gradClip": 1.0}),
+        ("training", {"precision": "fp32"}),
+        ("training", {"deterministic": False}),
+        ("model", {"weights": "/w.safetensors"}),
+        ("data", {"imageSize": 64}),
+    ],
+)
+def test_every_weight_changing_field_refuses_a_resume(section: str, values: dict[str, object]) -> None:
+    """learningRate and weightDecay were once silently ignored on resume (the optimizer state kept the old
+    values) while the checkpoint recorded the new ones."""
+    old = c.parse_spec(BASE).to_spec()
+    why, _ = c.resume_changes(old, c.parse_spec(spec_with(section, **values)))
+    (name,) = values
+    assert why is not None and why.startswith(f"{section}.{name}: changed from ")
+    assert "new --checkpoint-dir" in why and "metadata.name" in why
+
+
+def test_extending_and_observing_fields_are_applied_and_listed() -> None:
+    old = c.parse_spec(spec_with("training", epochs=2)).to_spec()
+    new = c.parse_spec(
+        {
+            **spec_with("training", epochs=5),
+            "checkpoint": {"everySteps": 7, "keepLast": 3},
+            "data": {"format": "synthetic", "numWorkers": 0},
+        }
+    )
+    why, applied = c.resume_changes(old, new)
+    assert why is None
+    assert applied == [
+        "data.numWorkers: 2 -> 0",
+        "training.epochs: 2 -> 5",
+        "checkpoint.everySteps: 100 -> 7",
+        "checkpoint.keepLast: 2 -> 3",
+    ]
+
+
+def test_a_field_missing_from_an_old_checkpoint_counts_as_its_default() -> None:
+    old = c.parse_spec(BASE).to_spec()
+    del old["model"]["strictWeights"], old["data"]["maxBadFraction"]
+    assert c.resume_changes(old, c.parse_spec(BASE)) == (None, [])
+    why, _ = c.resume_changes(old, c.parse_spec(spec_with("model", strictWeights=False)))
+    assert why is not None and why.startswith("model.strictWeights: changed from True to False")
+
+
+def test_every_field_is_declared_once_with_a_resume_rule() -> None:
+    from kubetune_trainer.fields import RESUME_KINDS
+
+    for section, specs in c.field_specs().items():
+        for name, (_, fs) in specs.items():
+            assert fs.doc and fs.doc[-1] == ".", f"{section}.{name}: a description ending in a period"
+            assert fs.resume in RESUME_KINDS, f"{section}.{name}"
+    everything = set(c.RESUME_CRITICAL) | set(c.RESUME_EXTENDS) | set(c.RESUME_OBSERVES)
+    assert len(everything) == sum(len(v) for v in c.TRAINER_FIELDS.values())
+    assert {"training.learningRate", "training.weightDecay", "model.weights"} <= set(c.RESUME_CRITICAL)
+    assert set(c.RESUME_EXTENDS) == {"training.epochs", "training.maxSteps"}
+
+
+def test_numbers_in_exponent_form_are_numbers(tmp_path: Path) -> None:
+    """PyYAML (YAML 1.1) reads 1e-3 as a string; kubectl reads it as a number: the same manifest must run."""
+    path = tmp_path / "job.yaml"
+    path.write_text("model: {name: test_vit}\ndata: {format: synthetic}\ntraining: {learningRate: 1e-3}\n")
+    assert c.load_job(path, env={}).training.learningRate == 0.001
+    cfg = c.load_job(path, ["training.weightDecay=5E-2", "training.learningRate=2.5e-4"], env={})
+    assert cfg.training.weightDecay == 0.05 and cfg.training.learningRate == 0.00025
+    with pytest.raises(c.ConfigError, match=r"training.learningRate: must be a number, got '1e-3x'"):
+        c.load_job(path, ["training.learningRate=1e-3x"], env={})
 
 
 def test_config_module_does_not_import_torch() -> None:

@@ -361,3 +361,41 @@ def test_resume_critical_sections_are_immutable(schema: dict[str, Any]) -> None:
         "spec.wandb.tags",
     ):
         assert not any("oldSelf" in r for r in by_path.get(path, [])), path
+
+
+def test_trainer_bounds_and_choices_match_the_field_table(schema: dict[str, Any], trainer_config: Any) -> None:
+    """The API server and the trainer accept the same values: the CRD's bounds and enums are the table's."""
+    spec = schema["properties"]["spec"]["properties"]
+    drift = {}
+    for section, specs in trainer_config.field_specs().items():
+        for name, (f, fs) in specs.items():
+            crd = spec[section]["properties"][name]
+            if fs.choices and crd.get("enum") != list(fs.choices):
+                drift[f"{section}.{name}"] = ("enum", crd.get("enum"), fs.choices)
+            integer = crd.get("type") == "integer"
+            low = fs.ge if fs.ge is not None else fs.gt
+            high = fs.le if fs.le is not None else fs.lt
+            if integer and fs.gt is not None:
+                low = fs.gt + 1
+            if integer and fs.lt is not None:
+                high = fs.lt - 1
+            got = (crd.get("minimum"), crd.get("maximum"))
+            if low is not None and got != (low, high):
+                drift[f"{section}.{name}"] = ("range", got, (low, high))
+            if not integer and crd.get("type") == "number":
+                open_ends = (crd.get("exclusiveMinimum", False), crd.get("exclusiveMaximum", False))
+                if open_ends != (fs.gt is not None, fs.lt is not None):
+                    drift[f"{section}.{name}"] = ("exclusive", open_ends)
+    assert drift == {}
+
+
+def test_run_defining_fields_are_immutable_in_the_crd(schema: dict[str, Any], trainer_config: Any) -> None:
+    """A field the trainer refuses to change on resume must not be editable on a running FineTuneJob."""
+    spec = schema["properties"]["spec"]["properties"]
+    editable = []
+    for dotted in trainer_config.RESUME_CRITICAL:
+        section = dotted.split(".")[0]
+        rules = [r["rule"] for r in spec[section].get("x-kubernetes-validations", [])]
+        if "self == oldSelf" not in rules:
+            editable.append(dotted)
+    assert editable == []

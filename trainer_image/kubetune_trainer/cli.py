@@ -6,11 +6,11 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import traceback
 from pathlib import Path
 
+from kubetune_trainer import stop
 from kubetune_trainer.config import ConfigError, load_job
 
 log = logging.getLogger("kubetune_trainer")
@@ -48,17 +48,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--checkpoint-dir", default=None, help="default $KUBETUNE_CHECKPOINT_DIR or ./runs/<name>/"
     )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    p.add_argument(
+        "--log-every-seconds",
+        type=_non_negative,
+        default=30.0,
+        metavar="S",
+        help="progress line interval when stderr is not a terminal (default 30; 0 = off); "
+        "a terminal gets a live progress bar",
+    )
     return p.parse_args(argv)
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
+    # First of all, before torch is imported: SIGTERM and Ctrl-C only raise a flag, and the loop finishes
+    # the step, checkpoints and exits 143 (during start-up too, with a termination message).
+    stop.install()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from kubetune_trainer import loop  # after argparse, so --help stays fast
 
-    # SIGTERM (and Ctrl-C) only raise a flag: the loop finishes the step, checkpoints and exits 143.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: loop.STOP.set())
     outcome = loop.Outcome("Error", 1)
     trainer = None
     rt = None
@@ -68,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint_dir or os.environ.get("KUBETUNE_CHECKPOINT_DIR") or Path("runs") / cfg.name
         )
         rt = loop.init_runtime()
-        trainer = loop.Trainer(cfg, root, rt)
+        trainer = loop.Trainer(cfg, root, rt, args.log_every_seconds)
         outcome = trainer.run()
     except ConfigError as e:
         outcome = loop.Outcome("InvalidConfig", 2, message=str(e))

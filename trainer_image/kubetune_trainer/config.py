@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,12 @@ from typing import Any
 
 import yaml
 
+from kubetune_trainer.fields import EXTEND, OBSERVE, RUN, FieldSpec, default_of, field_spec, spec_field
+
 API_VERSION = "kubetune.io/v1alpha1"
 KIND = "FineTuneJob"
+INT32_MAX = 2**31 - 1
+BIG = 10**9
 
 
 class ConfigError(ValueError):
@@ -26,100 +31,223 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = ""
-    """timm model name, e.g. `resnet50.a1_in1k` or `test_resnet` (required)."""
-    pretrained: bool = False
-    """Load timm's pretrained weights from the local hub cache (HF_HOME); nothing is downloaded here."""
-    weights: str | None = None
-    """Local file (.safetensors or .pth) to initialise from; tensors whose shape differs (the head) are skipped."""
-    numClasses: int | None = None
-    """Classifier size; null means the number of classes found in the data."""
-    freeze: str | tuple[str, ...] = "none"
-    """`none`, `backbone` (everything but the classifier) or a list of parameter-name prefixes."""
-    strictWeights: bool = True
-    """Tensors of model.weights that cannot load (other than the replaced classifier) are an error."""
+    name: str = spec_field(
+        "",
+        "timm model name as passed to timm.create_model, e.g. resnet50.a1_in1k, vit_small_patch16_224 or "
+        "test_resnet; an unknown name exits 2 with the closest matches.",
+        RUN,
+        required=True,
+        maxLength=256,
+        pattern=r"^[A-Za-z0-9_.:/-]+$",
+    )
+    pretrained: bool = spec_field(
+        False,
+        "Load timm's pretrained weights from the hub cache in the image (HF_HOME); nothing is downloaded.",
+        RUN,
+    )
+    weights: str | None = spec_field(
+        None,
+        "Local .safetensors/.pth file to initialise from, loaded through timm's pretrained path (its "
+        "checkpoint filter resamples ViT pos_embed and adapts the input conv); the classifier is replaced "
+        "when the class count differs.",
+        RUN,
+        maxLength=4096,
+    )
+    numClasses: int | None = spec_field(
+        None,
+        "Number of output classes (classifier size). Unset: the number of classes found in the data.",
+        RUN,
+        gt=0,
+        le=100000,
+        format="int32",
+    )
+    freeze: str | tuple[str, ...] = spec_field(
+        "none",
+        'Which parameters are not trained: "none", "backbone" (everything but the classifier timm reports; '
+        'BatchNorm statistics frozen too), or a list of parameter-name prefixes, e.g. ["stem", "stages.0"].',
+        RUN,
+    )
+    strictWeights: bool = spec_field(
+        True,
+        "Fail (exit 2, naming them) when tensors of model.weights cannot load, other than the replaced "
+        "classifier; false logs them and trains them from their initialisation.",
+        RUN,
+    )
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    format: str = "imagefolder"
-    """`imagefolder` (one folder per class, optional train/ and val/) or `synthetic` (random tensors)."""
-    path: str | None = None
-    """Dataset root; required for imagefolder. Overridden by $KUBETUNE_DATA_PATH."""
-    imageSize: int | None = None
-    """Square input size; null means the model's pretrained config input size."""
-    valFraction: float = 0.1
-    """Share held out for evaluation (seeded split) when there is no val/ folder."""
-    numWorkers: int = 2
-    """DataLoader worker processes per rank."""
-    syntheticSamples: int = 256
-    """Number of samples of the synthetic dataset."""
-    maxBadFraction: float = 0.01
-    """Share of a split's images that may fail to decode (each is replaced by a seeded other sample)."""
+    format: str = spec_field(
+        "imagefolder",
+        "imagefolder: one sub-directory per class under `path` (optionally inside train/ and val/); "
+        "synthetic: random tensors (smoke tests).",
+        RUN,
+        choices=("imagefolder", "synthetic"),
+    )
+    path: str | None = spec_field(
+        None,
+        "Dataset directory; required for imagefolder. In a pod it is inside the data volume (mounted at "
+        "/data; /data when claimName is set), and $KUBETUNE_DATA_PATH overrides it. It may move between "
+        "resumes: the class names and sample count are checked instead.",
+        OBSERVE,
+        maxLength=4096,
+    )
+    imageSize: int | None = spec_field(
+        None,
+        "Square input resolution in pixels. Unset: the model's default input size. The exported model's "
+        "config states the size trained at.",
+        RUN,
+        ge=8,
+        le=1024,
+        format="int32",
+    )
+    valFraction: float = spec_field(
+        0.1,
+        "Share of the samples held out for validation (seeded) when there is no val/ folder.",
+        RUN,
+        ge=0,
+        le=0.9,
+    )
+    numWorkers: int = spec_field(
+        2,
+        "DataLoader worker processes per training process; the samples do not depend on it.",
+        OBSERVE,
+        ge=0,
+        le=64,
+        format="int32",
+    )
+    syntheticSamples: int = spec_field(
+        256, "Number of samples when format is synthetic.", RUN, gt=0, le=10**7, format="int32"
+    )
+    maxBadFraction: float = spec_field(
+        0.01,
+        "Share of a split's images that may fail to decode; each is replaced by a fixed, seeded other "
+        "sample (logged with its path). Above it the job fails (exit 2) listing the files.",
+        OBSERVE,
+        ge=0,
+        le=1,
+    )
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    epochs: int | None = None
-    """Passes over the training set; at most one of epochs/maxSteps; neither means 1 epoch."""
-    maxSteps: int | None = None
-    """Optimizer steps to run instead of epochs."""
-    batchSize: int = 32
-    """Samples per micro-batch per process."""
-    learningRate: float = 0.001
-    """Peak learning rate (after warmup)."""
-    weightDecay: float = 0.05
-    """Decoupled weight decay (AdamW) or L2 (SGD)."""
-    optimizer: str = "adamw"
-    """`adamw` or `sgd` (momentum 0.9, nesterov)."""
-    scheduler: str = "cosine"
-    """`cosine` (to 0), `step` (x0.1 at 50% and 75%) or `constant`, applied after warmup."""
-    warmupSteps: int = 0
-    """Linear warmup steps from 0 to learningRate."""
-    gradAccumulation: int = 1
-    """Micro-batches per optimizer step."""
-    precision: str = "auto"
-    """`auto` (bf16 on CUDA, fp32 on CPU), `fp32`, `bf16` or `fp16`; mixed precision is used on CUDA only."""
-    seed: int = 0
-    """Seed for weights init, data order, split and every RNG."""
-    deterministic: bool | None = None
-    """Deterministic kernels (bitwise-reproducible resume); null means true on CPU, false on CUDA."""
-    labelSmoothing: float = 0.0
-    """Label smoothing for the cross-entropy loss."""
-    gradClip: float = 0.0
-    """Clip the global gradient norm to this value; 0 is off."""
-    ema: bool = False
-    """Keep an exponential moving average of the weights (timm ModelEmaV3); eval and export use it."""
+    epochs: int | None = spec_field(
+        None,
+        "Passes over the training set. Mutually exclusive with maxSteps; neither means 1 epoch. A resume "
+        "may extend it (the schedule then stretches to the new total).",
+        EXTEND,
+        gt=0,
+        le=100000,
+        format="int32",
+    )
+    maxSteps: int | None = spec_field(
+        None,
+        "Total optimizer steps. Mutually exclusive with epochs. A resume may extend it.",
+        EXTEND,
+        gt=0,
+        le=BIG,
+    )
+    batchSize: int = spec_field(
+        32, "Samples per micro-batch per training process.", RUN, gt=0, le=65536, format="int32"
+    )
+    learningRate: float = spec_field(0.001, "Peak learning rate (after warmup).", RUN, gt=0, le=10)
+    weightDecay: float = spec_field(
+        0.05, "Decoupled weight decay (adamw) or L2 penalty (sgd).", RUN, ge=0, le=1
+    )
+    optimizer: str = spec_field(
+        "adamw", "adamw, or sgd (momentum 0.9, nesterov).", RUN, choices=("adamw", "sgd")
+    )
+    scheduler: str = spec_field(
+        "cosine",
+        "Learning-rate schedule after warmup: cosine (to 0), step (x0.1 at 50% and 75%) or constant.",
+        RUN,
+        choices=("cosine", "step", "constant"),
+    )
+    warmupSteps: int = spec_field(0, "Linear warmup steps from 0 to learningRate.", RUN, ge=0, le=BIG)
+    gradAccumulation: int = spec_field(
+        1, "Micro-batches accumulated per optimizer step.", RUN, gt=0, le=1024, format="int32"
+    )
+    precision: str = spec_field(
+        "auto",
+        "Numeric precision: auto is bf16 on CUDA and fp32 on CPU; fp16 uses a GradScaler; mixed precision "
+        "is used on CUDA only.",
+        RUN,
+        choices=("auto", "fp32", "bf16", "fp16"),
+    )
+    seed: int = spec_field(
+        0,
+        "Seed for weight init, the split, data order and every random number generator.",
+        RUN,
+        ge=0,
+        le=INT32_MAX,
+    )
+    deterministic: bool | None = spec_field(
+        None,
+        "Deterministic kernels (bitwise-reproducible resume, slower). Unset: true on CPU, false on CUDA.",
+        RUN,
+    )
+    labelSmoothing: float = spec_field(0.0, "Label smoothing for the cross-entropy loss.", RUN, ge=0, lt=1)
+    gradClip: float = spec_field(
+        0.0, "Clip the global gradient norm to this value; 0 disables clipping.", RUN, ge=0, le=10**6
+    )
+    ema: bool = spec_field(
+        False,
+        "Keep an exponential moving average of the weights (timm ModelEmaV3); evaluation and export use it.",
+        RUN,
+    )
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    everySteps: int = 100
-    """Save every N optimizer steps (0 = off); also saved at epoch end, on SIGTERM and at the end."""
-    everySeconds: int = 0
-    """Also save when this many seconds passed since the last save (0 = off)."""
-    keepLast: int = 2
-    """Checkpoints kept on disk (at least 2, so a torn newest one always has a fallback)."""
+    everySteps: int = spec_field(
+        100,
+        "Save a checkpoint every this many optimizer steps; 0 disables (epoch-end, SIGTERM and final "
+        "saves still happen).",
+        OBSERVE,
+        ge=0,
+        le=BIG,
+    )
+    everySeconds: int = spec_field(
+        0, "Also save when this many seconds passed since the last save; 0 disables.", OBSERVE, ge=0, le=86400
+    )
+    keepLast: int = spec_field(
+        2,
+        "Number of newest valid checkpoints kept; older ones are deleted.",
+        OBSERVE,
+        ge=2,
+        le=100,
+        why="a fallback for a torn newest one",
+        format="int32",
+    )
 
 
 @dataclass(frozen=True)
 class WandbConfig:
-    project: str | None = None
-    """W&B project."""
-    entity: str | None = None
-    """W&B entity (team or user)."""
-    mode: str = "disabled"
-    """`disabled`, `offline` or `online`. The API key comes only from $WANDB_API_KEY."""
-    runName: str | None = None
-    """Display name; defaults to the job name."""
-    tags: tuple[str, ...] = ()
-    """Run tags."""
+    project: str | None = spec_field(None, "W&B project.", OBSERVE, maxLength=128)
+    entity: str | None = spec_field(None, "W&B entity (user or team).", OBSERVE, maxLength=128)
+    mode: str = spec_field(
+        "disabled",
+        "disabled: no W&B; offline: write run files to the checkpoint volume; online: sync to the W&B "
+        "server. The API key comes only from $WANDB_API_KEY.",
+        OBSERVE,
+        choices=("disabled", "offline", "online"),
+    )
+    runName: str | None = spec_field(
+        None, "Display name of the run. Unset: the FineTuneJob name.", OBSERVE, maxLength=128
+    )
+    tags: tuple[str, ...] = spec_field((), "Tags added to the run.", OBSERVE, maxItems=32, itemMaxLength=64)
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    port: int = 9400
-    """Prometheus /metrics port (0 = off)."""
+    port: int = spec_field(
+        9400,
+        "Port of the trainer's Prometheus /metrics endpoint; 0 turns it off.",
+        OBSERVE,
+        ge=0,
+        le=65535,
+        format="int32",
+    )
 
 
 @dataclass(frozen=True)
@@ -206,32 +334,34 @@ def trainer_fields() -> dict[str, tuple[str, ...]]:
 
 def field_defaults() -> dict[str, dict[str, Any]]:
     """Default value of every trainer field per section (None where there is no default, e.g. model.name)."""
-    out: dict[str, dict[str, Any]] = {}
-    for section, cls in SECTIONS.items():
-        out[section] = {}
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else None
-            out[section][f.name] = list(default) if isinstance(default, tuple) else default
-    out["model"]["name"] = None
-    return out
+    return {
+        section: {f.name: default_of(f) for f in dataclasses.fields(cls)} for section, cls in SECTIONS.items()
+    }
 
 
-# Changing one of these between a checkpoint and a resume makes the checkpoint meaningless (different
-# parameters, data order or optimizer state), so the trainer refuses instead of silently diverging.
-RESUME_CRITICAL: tuple[str, ...] = (
-    "model.name",
-    "model.numClasses",
-    "model.freeze",
-    "data.format",
-    "data.imageSize",
-    "data.valFraction",
-    "data.syntheticSamples",
-    "training.batchSize",
-    "training.gradAccumulation",
-    "training.optimizer",
-    "training.seed",
-    "training.ema",
-)
+def field_specs() -> dict[str, dict[str, tuple[dataclasses.Field[Any], FieldSpec]]]:
+    """Every trainer field's declaration per section: {"training": {"batchSize": (field, FieldSpec)}}."""
+    return {
+        section: {f.name: (f, field_spec(f)) for f in dataclasses.fields(cls)}
+        for section, cls in SECTIONS.items()
+    }
+
+
+def fields_by_resume(kind: str) -> tuple[str, ...]:
+    """Dotted paths of the fields whose resume rule is `kind` (RUN, EXTEND or OBSERVE), in spec order."""
+    return tuple(
+        f"{section}.{name}"
+        for section, specs in field_specs().items()
+        for name, (_, fs) in specs.items()
+        if fs.resume == kind
+    )
+
+
+RESUME_CRITICAL: tuple[str, ...] = fields_by_resume(RUN)
+"""Fields that define the run: changing one between a checkpoint and its resume makes the checkpoint
+describe another run (other weights, data order or optimizer), so the trainer refuses (exit 2)."""
+RESUME_EXTENDS: tuple[str, ...] = fields_by_resume(EXTEND)
+RESUME_OBSERVES: tuple[str, ...] = fields_by_resume(OBSERVE)
 
 
 def _unknown(path: str, key: str, known: Iterable[str]) -> ConfigError:
@@ -240,6 +370,9 @@ def _unknown(path: str, key: str, known: Iterable[str]) -> ConfigError:
         close = [k for k in known if k.lower() == key.lower()]
     hint = f"; did you mean {close[0]}?" if close else f"; known fields: {', '.join(sorted(known))}"
     return ConfigError(f"{path}.{key}: unknown field{hint}")
+
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def _coerce(path: str, f: dataclasses.Field[Any], value: Any) -> Any:
@@ -258,6 +391,8 @@ def _coerce(path: str, f: dataclasses.Field[Any], value: Any) -> Any:
             raise ConfigError(f"{path}: must be an integer, got {value!r}")
         return value
     if ann.startswith("float"):
+        if isinstance(value, str) and _FLOAT.match(value.strip()):
+            value = float(value)  # 1e-3: a string to YAML 1.1 (PyYAML), a number to kubectl and JSON
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{path}: must be a number, got {value!r}")
         return float(value)
@@ -305,64 +440,30 @@ def parse_spec(spec: Mapping[str, Any], name: str = "local") -> JobConfig:
     return JobConfig(name=name, **sections).validate()
 
 
-def _positive(path: str, value: float | None, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{path}: must be {bound}, got {value}")
-
-
-def _choice(path: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        close = difflib.get_close_matches(str(value), choices, n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        raise ConfigError(f"{path}: must be one of {', '.join(choices)}, got {value!r}{hint}")
-
-
 def validate(cfg: JobConfig) -> None:
-    """All value checks of the spec; the first failure raises ConfigError('<field path>: <what to fix>')."""
-    m, d, t, c, w = cfg.model, cfg.data, cfg.training, cfg.checkpoint, cfg.wandb
-    if not m.name:
-        raise ConfigError("model.name: required (a timm model name, e.g. resnet50)")
-    _positive("model.numClasses", m.numClasses)
+    """All value checks of the spec; the first failure raises ConfigError('<field path>: <what to fix>').
+
+    Required fields, bounds and choices come from each field's declaration; the rest are cross-field rules.
+    """
+    for section, specs in field_specs().items():
+        values = getattr(cfg, section)
+        for name, (_, fs) in specs.items():
+            path, value = f"{section}.{name}", getattr(values, name)
+            if fs.required and not value:
+                raise ConfigError(f"{path}: required ({fs.doc.split(';')[0].split(', e.g.')[0]})")
+            problem = fs.check(path, value)
+            if problem:
+                close = difflib.get_close_matches(str(value), fs.choices, n=1) if fs.choices else []
+                raise ConfigError(problem + (f"; did you mean {close[0]}?" if close else ""))
+    m, d, t = cfg.model, cfg.data, cfg.training
     if isinstance(m.freeze, str) and m.freeze not in ("none", "backbone"):
         raise ConfigError(
             f"model.freeze: must be none, backbone or a list of module prefixes, got {m.freeze!r}"
         )
-    _choice("data.format", d.format, ("imagefolder", "synthetic"))
     if d.format == "imagefolder" and not d.path:
         raise ConfigError("data.path: required for data.format imagefolder (or set $KUBETUNE_DATA_PATH)")
-    _positive("data.imageSize", d.imageSize)
-    if not 0.0 <= d.valFraction < 1.0:
-        raise ConfigError(f"data.valFraction: must be >= 0 and < 1, got {d.valFraction}")
-    _positive("data.numWorkers", d.numWorkers, allow_zero=True)
-    _positive("data.syntheticSamples", d.syntheticSamples)
     if t.epochs is not None and t.maxSteps is not None:
         raise ConfigError("training.maxSteps: set either training.epochs or training.maxSteps, not both")
-    _positive("training.epochs", t.epochs)
-    _positive("training.maxSteps", t.maxSteps)
-    _positive("training.batchSize", t.batchSize)
-    _positive("training.learningRate", t.learningRate)
-    _positive("training.weightDecay", t.weightDecay, allow_zero=True)
-    _choice("training.optimizer", t.optimizer, ("adamw", "sgd"))
-    _choice("training.scheduler", t.scheduler, ("cosine", "step", "constant"))
-    _positive("training.warmupSteps", t.warmupSteps, allow_zero=True)
-    _positive("training.gradAccumulation", t.gradAccumulation)
-    _choice("training.precision", t.precision, ("auto", "fp32", "bf16", "fp16"))
-    _positive("training.seed", t.seed, allow_zero=True)
-    if not 0.0 <= t.labelSmoothing < 1.0:
-        raise ConfigError(f"training.labelSmoothing: must be >= 0 and < 1, got {t.labelSmoothing}")
-    _positive("training.gradClip", t.gradClip, allow_zero=True)
-    _positive("checkpoint.everySteps", c.everySteps, allow_zero=True)
-    _positive("checkpoint.everySeconds", c.everySeconds, allow_zero=True)
-    if c.keepLast < 2:
-        raise ConfigError(
-            f"checkpoint.keepLast: must be >= 2 (a fallback for a torn newest one), got {c.keepLast}"
-        )
-    _choice("wandb.mode", w.mode, ("disabled", "offline", "online"))
-    if not 0 <= cfg.metrics.port <= 65535:
-        raise ConfigError(f"metrics.port: must be 0 (off) or a port 1-65535, got {cfg.metrics.port}")
 
 
 def set_path(doc: dict[str, Any], assignment: str) -> None:
@@ -421,16 +522,34 @@ def _deepcopy(obj: Any) -> Any:
     return obj
 
 
+def resume_changes(old_spec: Mapping[str, Any], new: JobConfig) -> tuple[str | None, list[str]]:
+    """Compare a checkpoint's spec with the current one: (refusal message or None, applied changes).
+
+    A run-defining field that differs gives the message (field, old and new values, the fix); extending
+    or observing fields are returned as `field: old -> new` lines to log. A field the checkpoint's spec
+    lacks (written before the field existed) counts as its default.
+    """
+    defaults, new_spec = field_defaults(), new.to_spec()
+    applied: list[str] = []
+    for section, specs in field_specs().items():
+        for name, (_, fs) in specs.items():
+            before = (old_spec.get(section) or {}).get(name, defaults[section][name])
+            after = new_spec[section][name]
+            if before == after:
+                continue
+            dotted = f"{section}.{name}"
+            if fs.resume == RUN:
+                return (
+                    f"{dotted}: changed from {before!r} to {after!r} since the checkpoint, but it defines "
+                    f"the run (a resume would silently keep training the old one); restore {dotted}: "
+                    f"{before!r}, or start a new run with a new --checkpoint-dir (on Kubernetes: a new "
+                    "metadata.name)",
+                    applied,
+                )
+            applied.append(f"{dotted}: {before!r} -> {after!r}")
+    return None, applied
+
+
 def resume_mismatch(old_spec: Mapping[str, Any], new: JobConfig) -> str | None:
-    """First resume-critical field that differs between a checkpoint's spec and the current one, as a message."""
-    new_spec = new.to_spec()
-    for dotted in RESUME_CRITICAL:
-        section, key = dotted.split(".")
-        before = (old_spec.get(section) or {}).get(key)
-        after = new_spec[section][key]
-        if before != after:
-            return (
-                f"{dotted}: changed from {before!r} to {after!r} since the checkpoint; "
-                "restore it or use a new checkpoint directory"
-            )
-    return None
+    """First run-defining field that differs between a checkpoint's spec and the current one, as a message."""
+    return resume_changes(old_spec, new)[0]

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,10 +22,12 @@ from torch import nn
 from kubetune_trainer import data as data_mod
 from kubetune_trainer import model as model_mod
 from kubetune_trainer import telemetry
-from kubetune_trainer.checkpoint import Checkpointer, Found, ProgressFile
-from kubetune_trainer.config import ConfigError, JobConfig, resume_mismatch
+from kubetune_trainer.checkpoint import Checkpointer
+from kubetune_trainer.components import build_components, build_sampler, lr_factor, resolve_precision
+from kubetune_trainer.config import JobConfig
 from kubetune_trainer.evaluate import evaluate
 from kubetune_trainer.export import export_final
+from kubetune_trainer.ledger import ResumeLedger
 from kubetune_trainer.runtime import (
     Runtime,
     init_runtime,
@@ -37,11 +36,9 @@ from kubetune_trainer.runtime import (
     set_rng_state,
     shutdown_runtime,
 )
+from kubetune_trainer.stop import STOP, signal_name
 
 log = logging.getLogger(__name__)
-
-STOP = threading.Event()
-"""Set by the SIGTERM handler; the loop checks it (all-reduced across ranks) after every step."""
 
 
 @dataclass
@@ -59,169 +56,67 @@ class Outcome:
     message: str = ""
 
 
-def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
-    """Multiplier of the peak learning rate at `step` (a pure function, so resume needs no extra state)."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    if kind == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    if kind == "step":
-        return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
-    return 1.0
-
-
 class Trainer:
-    def __init__(self, cfg: JobConfig, root: Path, rt: Runtime) -> None:
+    """One attempt of a run: builds the components, resumes from the ledger, trains, ends with an Outcome."""
+
+    def __init__(self, cfg: JobConfig, root: Path, rt: Runtime, log_every_seconds: float = 30.0) -> None:
         self.cfg = cfg
         self.root = root
         self.rt = rt
+        self.log_every_seconds = log_every_seconds
         t = cfg.training
         self.deterministic = t.deterministic if t.deterministic is not None else rt.device == "cpu"
         self.device = torch.device(rt.device)
-        self.precision = self._precision()
+        self.precision = resolve_precision(t.precision, self.device.type)
         self.step = 0
         self.epoch = 0
         self.step_in_epoch = 0
         self.eval_step = -1
         self.metrics: dict[str, float] = {}
-        self.lost_steps_total = 0
-        self.resumes = 0
-        self.lost_now = 0
-        self.run_id = ""
-        self.first_start = True
         self._iter: Any = None
         self._want_save = False
         self.outcome: Outcome | None = None
         self._setup()
 
     # -- setup ---------------------------------------------------------------------------------------
-    def _precision(self) -> str:
-        p = self.cfg.training.precision
-        if p == "auto":
-            return "bf16" if self.device.type == "cuda" else "fp32"
-        if p != "fp32" and self.device.type != "cuda":
-            log.warning("training.precision %s needs CUDA; using fp32 on CPU", p)
-            return "fp32"
-        return p
-
     def _setup(self) -> None:
         cfg, t = self.cfg, self.cfg.training
         seed_everything(t.seed, self.deterministic)
         mdata = model_mod.data_config(cfg.model.name)
         self.data = data_mod.build_datasets(cfg.data, cfg.model.numClasses, mdata, t.seed)
         self.num_classes = cfg.model.numClasses or len(self.data.classes)
-        n_train = len(self.data.train)  # type: ignore[arg-type]
-        self.sampler = data_mod.ResumableBatchSampler(
-            n_train, t.batchSize, t.seed, self.rt.rank, self.rt.world_size
-        )
-        if self.sampler.batches_per_epoch == 0:
-            raise ConfigError(
-                f"training.batchSize: {t.batchSize} is larger than the training set per process "
-                f"({n_train // self.rt.world_size} samples)"
-            )
-        self.steps_per_epoch = data_mod.steps_per_epoch(self.sampler.batches_per_epoch, t.gradAccumulation)
-        if self.steps_per_epoch == 0:
-            raise ConfigError(
-                f"training.gradAccumulation: {t.gradAccumulation} micro-batches exceed the "
-                f"{self.sampler.batches_per_epoch} batches of an epoch"
-            )
+        self.sampler, self.steps_per_epoch = build_sampler(len(self.data.train), t, self.rt)  # type: ignore[arg-type]
         self.total_steps = t.maxSteps or (t.epochs or 1) * self.steps_per_epoch
         built = model_mod.build_model(cfg.model, self.num_classes, self.data.image_size)
         self.frozen = built.frozen_prefixes
         self.model: nn.Module = built.model.to(self.device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if t.optimizer == "adamw":
-            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-                params, lr=t.learningRate, weight_decay=t.weightDecay
-            )
-        else:
-            self.optimizer = torch.optim.SGD(
-                params, lr=t.learningRate, momentum=0.9, nesterov=True, weight_decay=t.weightDecay
-            )
-        total, warm, kind = self.total_steps, t.warmupSteps, t.scheduler
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, total, warm, kind)
-        )
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
-        self.ema: nn.Module | None = None
-        if t.ema:
-            from timm.utils import ModelEmaV3
-
-            self.ema = ModelEmaV3(self.model, decay=0.9998, use_warmup=True)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=t.labelSmoothing)
+        parts = build_components(self.model, t, self.total_steps, self.precision)
+        self.optimizer, self.scheduler, self.scaler = parts.optimizer, parts.scheduler, parts.scaler
+        self.ema, self.criterion = parts.ema, parts.criterion
         if self.rt.distributed:
             ids = [self.rt.local_rank] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.ckpt = Checkpointer(self.root, cfg.checkpoint, writer=self.rt.rank == 0)
         self.optimizer.register_step_pre_hook(lambda *_: self.ckpt.wait_copied())
-        self._resume()
-        self.telemetry = telemetry.build(cfg, self.rt.rank)
-
-    # -- resume --------------------------------------------------------------------------------------
-
-    def _find_checkpoint(self) -> Found | None:
-        found = self.ckpt.find_latest_valid() if self.rt.rank == 0 else None
-        if self.rt.distributed:  # every rank resumes from the checkpoint rank 0 chose
-            box: list[Any] = [found]
-            dist.broadcast_object_list(box, src=0)
-            found = box[0]
-        return found
-
-    def _resume(self) -> None:
-        self.progress = ProgressFile(self.root / "progress.json")
-        progress = self.progress.read() if self.rt.rank == 0 else {}
-        if self.rt.distributed:  # only rank 0 reads it (it may live on rank 0's volume alone)
-            box: list[Any] = [progress]
-            dist.broadcast_object_list(box, src=0)
-            progress = box[0]
-        found = self._find_checkpoint()
-        self.first_start = not progress and found is None
-        self.lost_steps_total = int(progress.get("lostStepsTotal", 0))
-        self.resumes = int(progress.get("resumes", 0))
-        self.wandb_step = int(progress.get("wandbStep", -1))
-        state: dict[str, Any] = {}
-        if found is not None:
-            state = self.ckpt.load(found)
-            self._check_compatible(state)
+        self.ledger = ResumeLedger(self.root, self.rt, self.ckpt)
+        state = self.ledger.open(cfg, self.data.classes, self.sampler.n, self.total_steps)
+        if state:
             self._load_state(state)
-            self.ckpt.last_saved_step = found.step
             log.info(
                 "resumed from %s (step %d, epoch %d, batch %d)",
-                found.path,
+                self.ledger.checkpoint_path,
                 self.step,
                 self.epoch,
                 self.step_in_epoch,
             )
-        if progress:
-            reached = int(progress.get("step", 0))
-            self.lost_now = max(0, reached - self.step)
-            self.lost_steps_total += self.lost_now
-            self.resumes += 1
-            log.info(
-                "restart %d: last run reached step %d, resuming at %d: %d steps lost",
-                self.resumes,
-                reached,
-                self.step,
-                self.lost_now,
-            )
-        self.run_id = self.rt.run_id or state.get("wandb_run_id") or progress.get("runId") or _new_run_id()
-        self.checkpoint_path = str(found.path) if found else None
-        self.checkpoint_step = found.step if found else None
-        self._write_progress()
+        self.checkpoint_path, self.checkpoint_step = self.ledger.checkpoint_path, self.ledger.checkpoint_step
+        self.telemetry = telemetry.build(cfg, self.rt.rank, self.log_every_seconds)
+        if not self.ledger.finished:
+            self._write_progress()
 
-    def _check_compatible(self, state: dict[str, Any]) -> None:
-        why = resume_mismatch(state["spec"], self.cfg)
-        if why is None and state["classes"] != self.data.classes:
-            why = (
-                f"data.path: classes changed since the checkpoint ({state['classes']} -> {self.data.classes})"
-            )
-        if why is None and state["train_size"] != self.sampler.n:
-            why = f"data.path: training set has {self.sampler.n} samples, the checkpoint was trained on {state['train_size']}"
-        if why is None and state["world_size"] != self.rt.world_size:
-            why = f"workers: checkpoint was written by {state['world_size']} processes, now {self.rt.world_size}"
-        if why:
-            raise ConfigError(why)
+    @property
+    def lost_steps_total(self) -> int:
+        return self.ledger.lost_steps_total
 
     def _load_state(self, s: dict[str, Any]) -> None:
         model_mod.unwrap(self.model).load_state_dict(s["model"])
@@ -253,28 +148,25 @@ class Trainer:
             "classes": self.data.classes,
             "train_size": self.sampler.n,
             "world_size": self.rt.world_size,
-            "wandb_run_id": self.run_id,
+            "wandb_run_id": self.ledger.run_id,
             "metrics": dict(self.metrics),
         }
 
-    def _write_progress(self) -> None:
-        if self.rt.rank != 0:
-            return
+    def _write_progress(self, finished: bool = False) -> None:
         tele = getattr(self, "telemetry", None)
-        doc = {
-            "step": self.step,
-            "totalSteps": self.total_steps,
-            "checkpointStep": self.checkpoint_step,
-            "runId": self.run_id,
-            "wandbStep": max(self.wandb_step, tele.last_logged_step if tele else -1),
-            "resumes": self.resumes,
-            "lostStepsTotal": self.lost_steps_total,
-        }
-        self.progress.write(doc)
+        wandb_step = tele.last_logged_step if tele else -1
+        self.ledger.checkpoint_step = self.checkpoint_step
+        self.ledger.write(self.step, self.total_steps, wandb_step, finished)
 
     # -- the loop ------------------------------------------------------------------------------------
     def run(self) -> Outcome:
         """Train to the end or to a SIGTERM; the returned Outcome says which."""
+        if self.ledger.finished:
+            final = self.root / "final"
+            log.info("this run already finished at step %d; its model is in %s", self.step, final)
+            return self._outcome(
+                "Completed", 0, f"already finished ({self.step} steps); model at {final}; nothing to do"
+            )
         for _ in self.steps():
             pass
         assert self.outcome is not None
@@ -283,18 +175,19 @@ class Trainer:
     def steps(self) -> Iterator[int]:
         """The loop as a generator yielding the global step after each optimizer step (benchmarks drive it
         step by step); sets self.outcome when it ends."""
+        led = self.ledger
         info = telemetry.RunInfo(
             job=self.rt.job,
             namespace=self.rt.namespace,
             total_steps=self.total_steps,
             start_step=self.step,
             spec=self.cfg.to_spec(),
-            run_id=self.run_id,
-            first_start=self.first_start,
-            last_logged_step=self.wandb_step,
+            run_id=led.run_id,
+            first_start=led.first_start,
+            last_logged_step=led.wandb_step,
             samples_done=self.step * self._global_batch(),
-            resumes=self.resumes,
-            lost_steps=self.lost_steps_total,
+            resumes=led.resumes,
+            lost_steps=led.lost_steps_total,
             extra={"checkpoint_step": self.checkpoint_step or 0, "dir": str(self.root)},
         )
         self.telemetry.start(info)
@@ -468,7 +361,10 @@ class Trainer:
     # -- endings -------------------------------------------------------------------------------------
     def _preempt(self) -> Outcome:
         self.telemetry.preempting()
-        t0 = time.perf_counter()
+        sig, t0 = signal_name(), time.perf_counter()
+        if self.step == 0 and self.checkpoint_step is None:
+            log.info("%s before the first step: nothing trained, nothing to save", sig)
+            return self._outcome("Preempted", 143, f"stopped by {sig} before the first step; nothing to save")
         if self.ckpt.last_saved_step != self.step:
             self._save(sync=True)
         else:
@@ -476,9 +372,9 @@ class Trainer:
             if self.rt.distributed:
                 dist.barrier()
             self._drain_saves()
-        log.info("SIGTERM: checkpoint at step %d durable after %.3fs", self.step, time.perf_counter() - t0)
+        log.info("%s: checkpoint at step %d durable after %.3fs", sig, self.step, time.perf_counter() - t0)
         self._write_progress()
-        return self._outcome("Preempted", 143, f"stopped by SIGTERM at step {self.step}; checkpoint saved")
+        return self._outcome("Preempted", 143, f"stopped by {sig} at step {self.step}; checkpoint saved")
 
     def _finish(self) -> Outcome:
         self._evaluate()
@@ -502,7 +398,7 @@ class Trainer:
             log.info("final model written to %s", final)
         if self.rt.distributed:
             dist.barrier()
-        self._write_progress()
+        self._write_progress(finished=True)
         top1 = self.metrics.get("eval_top1")
         acc = f", eval top-1 {top1:.4f}" if top1 is not None else ""
         return self._outcome(
@@ -529,12 +425,17 @@ class Trainer:
             tele.finish(exit_code)
         with contextlib.suppress(Exception):
             self.ckpt.wait()
-        if hasattr(self, "progress"):
-            self.progress.close()
+        if hasattr(self, "ledger"):
+            self.ledger.close()
 
 
-__all__ = ["STOP", "Outcome", "Runtime", "Trainer", "init_runtime", "lr_factor", "shutdown_runtime"]
-
-
-def _new_run_id() -> str:
-    return os.urandom(4).hex()
+__all__ = [
+    "STOP",
+    "Outcome",
+    "Runtime",
+    "Trainer",
+    "init_runtime",
+    "lr_factor",
+    "rng_state",
+    "shutdown_runtime",
+]

@@ -90,11 +90,18 @@ class Fanout(Telemetry):
             b.finish(exit_code)
 
 
-def build(spec: Any, rank: int) -> Telemetry:
-    """Backends for the spec; only rank 0 reports (one W&B run, one metrics endpoint per job)."""
+def build(spec: Any, rank: int, log_every_seconds: float = 30.0) -> Telemetry:
+    """Backends for the spec; only rank 0 reports (one W&B run, one metrics endpoint per job).
+
+    `log_every_seconds` > 0 adds the console progress (a bar on a terminal, a line per interval in logs).
+    """
     if rank != 0:
         return Telemetry()
     backends: list[Telemetry] = []
+    if log_every_seconds > 0:
+        from kubetune_trainer.telemetry.console import ConsoleTelemetry
+
+        backends.append(ConsoleTelemetry(log_every_seconds))
     if spec.metrics.port:
         from kubetune_trainer.telemetry.prometheus import PrometheusTelemetry
 
