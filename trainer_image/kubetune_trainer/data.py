@@ -3,12 +3,19 @@
 The order of samples is a pure function of (seed, epoch, rank, world size): a resumed run skips the batches
 it already consumed and sees exactly the batches an uninterrupted run would. Train transforms carry no
 random augmentation, so a sample's tensor is a pure function of its index.
+
+Bad images: the up-front scan reads headers only, skips (and counts) files whose header is unreadable, and
+fails (exit 2) when more than data.maxBadFraction of a folder is. A file whose header opens but whose pixels
+do not decode (a truncated JPEG) is found only when it is loaded: ImageListDataset then returns a seeded
+stand-in sample, a pure function of (seed, index, attempt), so exact resume stays exact, flags the file in
+shared memory (the loader's worker processes write, the main process reads) and logs it; check_bad() turns
+more than data.maxBadFraction of a split into exit 2.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,24 +32,125 @@ from kubetune_trainer.config import ConfigError, DataConfig
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-MAX_BAD_FRACTION = 0.10
-"""Unreadable images are skipped and counted; more than this share of them is a data error (exit 2)."""
+STAND_IN_ATTEMPTS = 8
+"""Seeded stand-ins tried for an image that fails to decode before the sample is an error (exit 2)."""
+LOGGED_BAD = 10
+"""Bad images logged one by one per split (and per scanned folder); the rest are only counted."""
+NAMED_BAD = 5
+"""Paths an error message lists."""
+
+
+def stand_in_index(seed: int, index: int, attempt: int, n: int) -> int:
+    """The attempt-th stand-in for sample `index` of `n` (never `index` itself): a pure function of its
+    arguments, so every process, worker and resumed run substitutes the same sample."""
+    digest = hashlib.blake2b(f"{seed}/{index}/{attempt}".encode(), digest_size=8).digest()
+    return (index + 1 + int.from_bytes(digest, "little") % (n - 1)) % n
+
+
+def _name_paths(paths: list[str]) -> str:
+    more = f" and {len(paths) - NAMED_BAD} more" if len(paths) > NAMED_BAD else ""
+    return ", ".join(paths[:NAMED_BAD]) + more
 
 
 class ImageListDataset(Dataset[tuple[torch.Tensor, int]]):
-    """(path, label) pairs with a fixed transform."""
+    """(path, label) pairs with a fixed transform; an image that fails to decode is replaced by a seeded
+    stand-in (whose own label comes with it) and flagged, see bad_count() and bad_paths()."""
 
-    def __init__(self, samples: list[tuple[str, int]], transform: Any) -> None:
+    def __init__(
+        self, samples: list[tuple[str, int]], transform: Any, seed: int = 0, split: str = "train"
+    ) -> None:
         self.samples = samples
         self.transform = transform
+        self.seed = seed
+        self.split = split
+        self.epoch: int | None = None
+        """Only for the warnings; make_loader(epoch=...) sets it before the workers fork."""
+        # Shared memory, so flags set in DataLoader worker processes are seen by the main process.
+        self._bad = torch.zeros(len(samples), dtype=torch.uint8).share_memory_()
+        self._changed = torch.zeros(1, dtype=torch.uint8).share_memory_()
+        self._count = 0  # bad_count()'s cache, per process
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def _load(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         with Image.open(path) as img:
             return self.transform(img.convert("RGB")), label
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        failed: list[tuple[int, Exception]] = []
+        n = len(self.samples)
+        for attempt in range(STAND_IN_ATTEMPTS + 1 if n > 1 else 1):
+            i = index if attempt == 0 else stand_in_index(self.seed, index, attempt - 1, n)
+            try:
+                item = self._load(i)
+            except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+                failed.append((i, e))
+                continue
+            if failed:
+                self._record(index, failed, i)
+            return item
+        self._record(index, failed, None)
+        raise ConfigError(
+            f"data.maxBadFraction: {self.split} image {self.samples[index][0]} and the {len(failed) - 1} "
+            f"seeded stand-ins tried for it all failed to decode ({failed[0][1]}); "
+            f"remove or replace the broken files under data.path"
+        )
+
+    def _record(self, index: int, failed: list[tuple[int, Exception]], used: int | None) -> None:
+        """Flag the images that failed; warn once about each of the split's first LOGGED_BAD."""
+        for i, e in failed:
+            new = not self._bad[i]  # else warned about already, in this or another worker
+            self._bad[i] = 1
+            self._changed[0] = 1  # after the flag: see bad_count()
+            seen = int(self._bad.sum()) if new else LOGGED_BAD + 1
+            if seen > LOGGED_BAD:
+                continue
+            if i != index:
+                then = f"it was the stand-in for image {index}"
+            elif used is None:
+                then = "no stand-in decodes either"
+            else:
+                then = f"using image {used} ({self.samples[used][0]}) in its place"
+            if seen == LOGGED_BAD:
+                then += "; further bad images of this split are counted, not logged"
+            where = f" at epoch {self.epoch}" if self.epoch is not None else ""
+            path, error = self.samples[i][0], f"{type(e).__name__}: {e}"
+            log.warning("cannot decode %s image %d%s: %s (%s); %s", self.split, i, where, path, error, then)
+
+    def bad_count(self) -> int:
+        """Distinct images that failed to decode so far, in any process (O(1) unless one was just found)."""
+        if self._changed[0]:
+            # Cleared before counting: a flag set during the sum sets it again, so it is never missed.
+            self._changed[0] = 0
+            self._count = int(self._bad.sum())
+        return self._count
+
+    def bad_paths(self) -> list[str]:
+        """Paths of the images that failed to decode so far, in index order."""
+        return [self.samples[i][0] for i in self._bad.nonzero().flatten().tolist()]
+
+
+def check_bad(
+    dataset: Dataset[Any] | None, max_fraction: float, split: str, count: int | None = None
+) -> None:
+    """ConfigError (exit 2) when more than max_fraction of the split failed to decode; cheap when not.
+
+    `count` overrides dataset.bad_count() (under DDP: the all-reduced MAX, so every rank decides alike).
+    A no-op for datasets that cannot go bad (None, synthetic).
+    """
+    if not isinstance(dataset, ImageListDataset):
+        return
+    bad = dataset.bad_count() if count is None else count
+    n = len(dataset)
+    if bad <= max_fraction * n:
+        return
+    raise ConfigError(
+        f"data.maxBadFraction: {bad} of {n} {split} images failed to decode, more than the "
+        f"{max_fraction:g} allowed: {_name_paths(dataset.bad_paths())}; remove or replace these files, "
+        f"or raise data.maxBadFraction"
+    )
 
 
 class SyntheticDataset(Dataset[tuple[torch.Tensor, int]]):
@@ -72,16 +180,24 @@ class DataBundle:
     classes: list[str]
     image_size: int
     skipped_images: int
+    """Images the up-front scan skipped (header unreadable), train and val together."""
     eval_cfg: dict[str, Any]
     """eval_data_config(): the transform every split uses, and what the export's pretrained_cfg states."""
 
+    def bad_images(self) -> int:
+        """Images that failed to decode while training or evaluating so far (train + val; skipped_images
+        not included), as seen by this process."""
+        return sum(d.bad_count() for d in (self.train, self.val) if isinstance(d, ImageListDataset))
+
 
 def _scan_folder(
-    root: Path, classes: list[str] | None = None
+    root: Path, max_fraction: float, classes: list[str] | None = None
 ) -> tuple[list[tuple[str, int]], list[str], int]:
+    """(samples, classes, skipped) of <root>/<class>/**/<image>; `classes` given: a val folder of those."""
     if not root.is_dir():
         raise ConfigError(f"data.path: {root} is not a directory")
     found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    defines_classes = classes is None
     if classes is None:
         classes = found
     if not classes:
@@ -90,11 +206,17 @@ def _scan_folder(
     if unknown:
         raise ConfigError(f"data.path: {root} has classes {unknown} that are not in the training set")
     samples: list[tuple[str, int]] = []
-    bad = 0
+    bad: list[str] = []
+    empty: list[str] = []
+    missing: list[str] = []
     for label, name in enumerate(classes):
         folder = root / name
         if not folder.is_dir():
+            # Only a val folder can lack a class of train/: that class is not evaluated (eval metrics
+            # average over the val images present); it is still trained, and the model keeps its output.
+            missing.append(name)
             continue
+        readable = unreadable = 0
         for p in sorted(folder.rglob("*")):
             if p.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
@@ -102,22 +224,36 @@ def _scan_folder(
                 with Image.open(p) as img:  # reads the header only: cheap, catches non-images
                     img.size  # noqa: B018
             except Exception as e:  # PIL raises many types for a bad file
-                bad += 1
-                if bad <= 10:
+                bad.append(str(p))
+                unreadable += 1
+                if len(bad) <= LOGGED_BAD:
                     log.warning("skipping unreadable image %s: %s", p, e)
                 continue
             samples.append((str(p), label))
-    total = len(samples) + bad
+            readable += 1
+        if readable == 0:
+            missing.append(name)
+            empty.append(f"{folder} ({unreadable} unreadable)" if unreadable else str(folder))
+    total = len(samples) + len(bad)
     if bad:
-        log.warning("skipped %d unreadable images of %d under %s", bad, total, root)
+        log.warning("skipped %d unreadable images of %d under %s", len(bad), total, root)
     if total == 0:
         raise ConfigError(f"data.path: no images under {root} (extensions {', '.join(IMAGE_EXTENSIONS)})")
-    if bad / total > MAX_BAD_FRACTION:
+    if empty and defines_classes:
+        # Every class folder is an output of the model: one without images would never be trained.
         raise ConfigError(
-            f"data.path: {bad} of {total} images under {root} are unreadable "
-            f"(more than {MAX_BAD_FRACTION:.0%}); fix or remove them"
+            f"data.path: class folders without readable images: {_name_paths(empty)}; add images "
+            f"(extensions {', '.join(IMAGE_EXTENSIONS)}) or remove the folders"
         )
-    return samples, classes, bad
+    if missing:
+        log.info("%s has no images of classes %s: they are trained but not evaluated", root, missing)
+    if len(bad) > max_fraction * total:
+        raise ConfigError(
+            f"data.path: {len(bad)} of {total} images under {root} are unreadable, more than the "
+            f"data.maxBadFraction of {max_fraction:g} allowed: {_name_paths(bad)}; remove or replace "
+            f"these files, or raise data.maxBadFraction"
+        )
+    return samples, classes, len(bad)
 
 
 def seeded_split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -172,14 +308,15 @@ def build_datasets(
     if not root.exists():
         raise ConfigError(f"data.path: {root} does not exist")
     transform = build_transform(eval_cfg)
+    frac = cfg.maxBadFraction
     if (root / "train").is_dir():
-        train_samples, classes, bad = _scan_folder(root / "train")
+        train_samples, classes, bad = _scan_folder(root / "train", frac)
         val_samples: list[tuple[str, int]] = []
         if (root / "val").is_dir():
-            val_samples, _, bad_val = _scan_folder(root / "val", classes)
+            val_samples, _, bad_val = _scan_folder(root / "val", frac, classes)
             bad += bad_val
     else:
-        samples, classes, bad = _scan_folder(root)
+        samples, classes, bad = _scan_folder(root, frac)
         train_idx, val_idx = seeded_split(len(samples), cfg.valFraction, seed)
         train_samples = [samples[i] for i in train_idx]
         val_samples = [samples[i] for i in val_idx]
@@ -187,8 +324,9 @@ def build_datasets(
         raise ConfigError(
             f"model.numClasses: {num_classes} is fewer than the {len(classes)} classes found in {root}"
         )
-    val = ImageListDataset(val_samples, transform) if val_samples else None
-    return DataBundle(ImageListDataset(train_samples, transform), val, classes, image_size, bad, eval_cfg)
+    train = ImageListDataset(train_samples, transform, seed, "train")
+    val = ImageListDataset(val_samples, transform, seed, "val") if val_samples else None
+    return DataBundle(train, val, classes, image_size, bad, eval_cfg)
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -240,9 +378,19 @@ def _worker_init(worker_id: int) -> None:
 
 
 def make_loader(
-    dataset: Dataset[Any], batch_sampler: Sampler[list[int]], num_workers: int, seed: int
+    dataset: Dataset[Any],
+    batch_sampler: Sampler[list[int]],
+    num_workers: int,
+    seed: int,
+    epoch: int | None = None,
 ) -> DataLoader[Any]:
-    """A loader that never draws from the global torch RNG (its own generator seeds the workers)."""
+    """A loader that never draws from the global torch RNG (its own generator seeds the workers).
+
+    `epoch` only names the epoch in bad-image warnings (an ImageListDataset's `epoch`, set here before the
+    workers start).
+    """
+    if epoch is not None and isinstance(dataset, ImageListDataset):
+        dataset.epoch = epoch
     return DataLoader(
         dataset,
         batch_sampler=batch_sampler,
@@ -261,7 +409,3 @@ def eval_indices(n: int, rank: int, world_size: int) -> list[int]:
 
 def steps_per_epoch(batches: int, accumulation: int) -> int:
     return batches // accumulation
-
-
-def epochs_for(max_steps: int, per_epoch: int) -> int:
-    return math.ceil(max_steps / per_epoch)
