@@ -18,10 +18,12 @@ pytestmark = pytest.mark.trainer
 
 
 @pytest.fixture(autouse=True)
-def _keep_sigterm() -> object:
-    handler = signal.getsignal(signal.SIGTERM)
+def _keep_signal_handlers() -> object:
+    """cli.main installs its SIGTERM and SIGINT handlers; pytest's own come back afterwards."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     yield
-    signal.signal(signal.SIGTERM, handler)
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
 
 
 def in_process(job: Job, monkeypatch: pytest.MonkeyPatch, *extra: str) -> int:

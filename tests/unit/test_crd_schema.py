@@ -368,7 +368,7 @@ def test_trainer_bounds_and_choices_match_the_field_table(schema: dict[str, Any]
     spec = schema["properties"]["spec"]["properties"]
     drift = {}
     for section, specs in trainer_config.field_specs().items():
-        for name, (f, fs) in specs.items():
+        for name, (_f, fs) in specs.items():
             crd = spec[section]["properties"][name]
             if fs.choices and crd.get("enum") != list(fs.choices):
                 drift[f"{section}.{name}"] = ("enum", crd.get("enum"), fs.choices)

@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome.checkpoint = outcome.checkpoint or trainer.checkpoint_path
         outcome.checkpoint_step = outcome.checkpoint_step or trainer.checkpoint_step
         outcome.lost_steps = trainer.lost_steps_total
+        outcome.bad_images = trainer.data.bad_images()
         trainer.close(outcome.exit_code)
     report(
         {
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             "checkpoint": outcome.checkpoint,
             "checkpointStep": outcome.checkpoint_step,
             "lostSteps": outcome.lost_steps,
+            "badImages": outcome.bad_images,
             "message": outcome.message,
         },
         rt.rank if rt else 0,

@@ -132,6 +132,11 @@ class ImageListDataset(Dataset[tuple[torch.Tensor, int]]):
         return [self.samples[i][0] for i in self._bad.nonzero().flatten().tolist()]
 
 
+def bad_count(dataset: Dataset[Any] | None) -> int:
+    """dataset.bad_count() for an image folder split; 0 for splits that cannot go bad (None, synthetic)."""
+    return dataset.bad_count() if isinstance(dataset, ImageListDataset) else 0
+
+
 def check_bad(
     dataset: Dataset[Any] | None, max_fraction: float, split: str, count: int | None = None
 ) -> None:

@@ -53,6 +53,7 @@ class Outcome:
     checkpoint: str | None = None
     checkpoint_step: int | None = None
     lost_steps: int = 0
+    bad_images: int = 0
     message: str = ""
 
 
@@ -75,6 +76,7 @@ class Trainer:
         self.metrics: dict[str, float] = {}
         self._iter: Any = None
         self._want_save = False
+        self._bad_seen = 0
         self.outcome: Outcome | None = None
         self._setup()
 
@@ -211,30 +213,53 @@ class Trainer:
         return t.batchSize * t.gradAccumulation * self.rt.world_size
 
     def _poll(self) -> bool:
-        """At each step boundary: agree across ranks on stop (SIGTERM on any rank) and on saving (the
-        everySeconds clock differs per rank); start an async save if due. Returns True to stop."""
+        """At each step boundary: agree across ranks on stop (SIGTERM on any rank), on saving (the
+        everySeconds clock differs per rank) and on the count of undecodable training images (exit 2 on
+        every rank alike); start an async save if due. Returns True to stop."""
         want_save, self._want_save = self._want_save, False
+        bad = data_mod.bad_count(self.data.train)
         if self.rt.distributed:
-            flags = torch.tensor([float(STOP.is_set()), float(want_save)], device=self.device)
+            flags = torch.tensor([float(STOP.is_set()), float(want_save), float(bad)], device=self.device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            stop, want_save = bool(flags[0].item()), bool(flags[1].item())
+            stop, want_save, bad = bool(flags[0].item()), bool(flags[1].item()), int(flags[2].item())
         else:
             stop = STOP.is_set()
+        if bad != self._bad_seen:
+            self._report_bad(self.data.train, bad, "train")
         if stop:
             return True
         if want_save:
             self._save(sync=False)
         return False
 
+    def _report_bad(self, dataset: Any, count: int, split: str) -> None:
+        """New undecodable images: a WARNING with the step and paths, the metric, then the fraction check."""
+        paths = dataset.bad_paths()
+        log.warning(
+            "step %d: %d %s image(s) failed to decode so far, each replaced by a seeded stand-in: %s",
+            self.step,
+            count,
+            split,
+            ", ".join(paths[:10]) + (f" and {len(paths) - 10} more" if len(paths) > 10 else ""),
+        )
+        if split == "train":
+            self._bad_seen = count
+        self.telemetry.bad_images(self.data.bad_images())
+        data_mod.check_bad(dataset, self.cfg.data.maxBadFraction, split, count=count)
+
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._iter is None:
             accum = self.cfg.training.gradAccumulation
             self.sampler.set_position(self.epoch, self.step_in_epoch * accum)
             loader = data_mod.make_loader(
-                self.data.train, self.sampler, self.cfg.data.numWorkers, self.cfg.training.seed
+                self.data.train, self.sampler, self.cfg.data.numWorkers, self.cfg.training.seed, self.epoch
             )
             self._iter = iter(loader)
-        x, y = next(self._iter)
+        try:
+            x, y = next(self._iter)
+        except Exception:  # a worker whose stand-ins ran out too: name the files, not the traceback
+            data_mod.check_bad(self.data.train, self.cfg.data.maxBadFraction, "train")
+            raise
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -347,6 +372,13 @@ class Trainer:
             t.data.numWorkers,
             self._autocast,
         )
+        bad = data_mod.bad_count(self.data.val)
+        if self.rt.distributed:
+            box = torch.tensor([float(bad)], device=self.device)
+            dist.all_reduce(box, op=dist.ReduceOp.MAX)
+            bad = int(box.item())
+        if bad:
+            self._report_bad(self.data.val, bad, "val")
         self.metrics.update(result)
         self.eval_step = self.step
         log.info(

@@ -44,6 +44,9 @@ class Telemetry:
     def checkpoint_saved(self, step: int, seconds: float) -> None:
         """After a checkpoint is durable (seconds = write time, or blocked time for async saves)."""
 
+    def bad_images(self, count: int) -> None:
+        """Images that failed to decode so far (train + val), each replaced by a seeded stand-in."""
+
     def preempting(self) -> None:
         """SIGTERM received: the run will stop after a checkpoint."""
 
@@ -76,6 +79,10 @@ class Fanout(Telemetry):
     def checkpoint_saved(self, step: int, seconds: float) -> None:
         for b in self.backends:
             b.checkpoint_saved(step, seconds)
+
+    def bad_images(self, count: int) -> None:
+        for b in self.backends:
+            b.bad_images(count)
 
     def preempting(self) -> None:
         for b in self.backends:

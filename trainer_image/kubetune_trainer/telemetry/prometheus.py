@@ -57,6 +57,13 @@ class PrometheusTelemetry(Telemetry):
             LABELS,
             registry=r,
         )
+        self.bad_images_total = Counter(
+            "kubetune_trainer_bad_images",
+            "Images that failed to decode and were replaced by a seeded stand-in sample (this attempt).",
+            LABELS,
+            registry=r,
+        )
+        self._bad_reported = 0
         self.gpu_memory: Gauge | None = None
         self._server: Any = None
         self._labels: dict[str, str] = {}
@@ -102,6 +109,11 @@ class PrometheusTelemetry(Telemetry):
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         self.eval_accuracy.labels(**self._labels).set(metrics["eval_top1"])
+
+    def bad_images(self, count: int) -> None:
+        if count > self._bad_reported:
+            self.bad_images_total.labels(**self._labels).inc(count - self._bad_reported)
+            self._bad_reported = count
 
     def checkpoint_saved(self, step: int, seconds: float) -> None:
         self.checkpoint_seconds.labels(**self._labels).observe(seconds)
