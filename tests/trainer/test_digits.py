@@ -44,7 +44,7 @@ def test_digits_reach_90_percent_and_export_loads_in_timm(
         cfg["architecture"],
         pretrained=True,
         num_classes=10,
-        pretrained_cfg_overlay={"file": str(final / "model.safetensors"), "num_classes": 10},
+        pretrained_cfg_overlay=cfg["pretrained_cfg"] | {"file": str(final / "model.safetensors")},
     )
     weights = load_file(str(final / "model.safetensors"))
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
