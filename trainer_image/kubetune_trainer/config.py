@@ -1,21 +1,18 @@
-"""The FineTuneJob spec as the trainer sees it: dataclasses, defaults, manifest loading, overrides, validation.
+"""The FineTuneJob spec as the trainer sees it: one declaration per field, validation, resume rules.
 
-This module is the one place the spec's field names and defaults live. It imports neither torch nor timm
-so the operator can import it cheaply (its CRD is checked against `TRAINER_FIELDS` by a test).
+Each trainer field is declared once here (`spec_field`: default, description, resume rule, bounds); the
+checks below, the CRD's trainer sections (hack/crd/gen_crd.py), docs/trainer.md's field table and which
+fields a resume may change all come from that declaration. Reading manifests is manifest.py's. It imports
+neither torch nor timm, so the operator imports it too (for the operator-only field names).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from kubetune_trainer.fields import EXTEND, OBSERVE, RUN, FieldSpec, default_of, field_spec, spec_field
 
@@ -47,9 +44,10 @@ class ModelConfig:
     )
     weights: str | None = spec_field(
         None,
-        "Local .safetensors/.pth file to initialise from, loaded through timm's pretrained path (its "
-        "checkpoint filter resamples ViT pos_embed and adapts the input conv); the classifier is replaced "
-        "when the class count differs.",
+        "Local .safetensors/.pth file to initialise from, loaded through timm's pretrained path (the "
+        "model's checkpoint filter runs, e.g. ViT pos_embed resampled to data.imageSize); the file's "
+        "classifier is kept when its shape fits and replaced when it does not (another class count); "
+        "overrides model.pretrained.",
         RUN,
         maxLength=4096,
     )
@@ -63,14 +61,17 @@ class ModelConfig:
     )
     freeze: str | tuple[str, ...] = spec_field(
         "none",
-        'Which parameters are not trained: "none", "backbone" (everything but the classifier timm reports; '
-        'BatchNorm statistics frozen too), or a list of parameter-name prefixes, e.g. ["stem", "stages.0"].',
+        'Which parameters are not trained: "none", "backbone" (only the classifier timm reports trains: '
+        'what pretrained_cfg["classifier"] names plus get_classifier(), e.g. head.fc but not head.norm, '
+        "both heads of distilled models; BatchNorm in frozen modules keeps its statistics), or a list of "
+        'parameter-name prefixes to freeze, e.g. ["stem", "stages.0"].',
         RUN,
     )
     strictWeights: bool = spec_field(
         True,
-        "Fail (exit 2, naming them) when tensors of model.weights cannot load, other than the replaced "
-        "classifier; false logs them and trains them from their initialisation.",
+        "With model.weights: a model tensor the file lacks or has in another shape, or a file tensor the "
+        "model does not use (the classifier excepted), fails the job (exit 2, naming them); false logs a "
+        "warning and trains those tensors from their initialisation.",
         RUN,
     )
 
@@ -364,82 +365,6 @@ RESUME_EXTENDS: tuple[str, ...] = fields_by_resume(EXTEND)
 RESUME_OBSERVES: tuple[str, ...] = fields_by_resume(OBSERVE)
 
 
-def _unknown(path: str, key: str, known: Iterable[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    if not close:
-        close = [k for k in known if k.lower() == key.lower()]
-    hint = f"; did you mean {close[0]}?" if close else f"; known fields: {', '.join(sorted(known))}"
-    return ConfigError(f"{path}.{key}: unknown field{hint}")
-
-
-_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-
-def _coerce(path: str, f: dataclasses.Field[Any], value: Any) -> Any:
-    """Check a raw YAML value against the field's annotation (strings, from the class body)."""
-    ann = str(f.type)
-    if value is None:
-        if "None" in ann:
-            return None
-        raise ConfigError(f"{path}: must not be null")
-    if ann.startswith("bool"):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: must be true or false, got {value!r}")
-        return value
-    if ann.startswith("int"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: must be an integer, got {value!r}")
-        return value
-    if ann.startswith("float"):
-        if isinstance(value, str) and _FLOAT.match(value.strip()):
-            value = float(value)  # 1e-3: a string to YAML 1.1 (PyYAML), a number to kubectl and JSON
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{path}: must be a number, got {value!r}")
-        return float(value)
-    if ann.startswith("tuple"):
-        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{path}: must be a list of strings, got {value!r}")
-        return tuple(value)
-    if ann.startswith("str | tuple"):
-        if isinstance(value, str):
-            return value
-        if isinstance(value, list | tuple) and value and all(isinstance(v, str) for v in value):
-            return tuple(value)
-        raise ConfigError(f"{path}: must be a string or a non-empty list of strings, got {value!r}")
-    if ann.startswith("str"):
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: must be a string, got {value!r}")
-        return value
-    return value
-
-
-def parse_spec(spec: Mapping[str, Any], name: str = "local") -> JobConfig:
-    """Turn a raw `spec` mapping into a validated JobConfig (ConfigError on anything wrong)."""
-    if not isinstance(spec, Mapping):
-        raise ConfigError(f"spec: must be a mapping, got {type(spec).__name__}")
-    for key in spec:
-        if key not in SECTIONS and key not in OPERATOR_ONLY_TOP:
-            raise _unknown("spec", key, [*SECTIONS, *OPERATOR_ONLY_TOP])
-    if "model" not in spec:
-        raise ConfigError("spec.model.name: required (a timm model name, e.g. resnet50)")
-    sections: dict[str, Any] = {}
-    for section, cls in SECTIONS.items():
-        raw = spec.get(section) or {}
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"spec.{section}: must be a mapping, got {raw!r}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        ignored = OPERATOR_ONLY_FIELDS.get(section, frozenset())
-        kwargs: dict[str, Any] = {}
-        for key, value in raw.items():
-            if key in ignored:
-                continue
-            if key not in fields:
-                raise _unknown(f"spec.{section}", key, [*fields, *ignored])
-            kwargs[key] = _coerce(f"{section}.{key}", fields[key], value)
-        sections[section] = cls(**kwargs)
-    return JobConfig(name=name, **sections).validate()
-
-
 def validate(cfg: JobConfig) -> None:
     """All value checks of the spec; the first failure raises ConfigError('<field path>: <what to fix>').
 
@@ -464,62 +389,6 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError("data.path: required for data.format imagefolder (or set $KUBETUNE_DATA_PATH)")
     if t.epochs is not None and t.maxSteps is not None:
         raise ConfigError("training.maxSteps: set either training.epochs or training.maxSteps, not both")
-
-
-def set_path(doc: dict[str, Any], assignment: str) -> None:
-    """Apply one `--set training.epochs=3` to a raw spec dict (value parsed as YAML)."""
-    if "=" not in assignment:
-        raise ConfigError(f"--set {assignment}: expected FIELD=VALUE, e.g. training.epochs=3")
-    key, _, raw = assignment.partition("=")
-    parts = key.strip().removeprefix("spec.").split(".")
-    node = doc
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {part} is not a mapping")
-        node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw else None
-
-
-def load_job(
-    path: str | Path | None, overrides: Iterable[str] = (), env: Mapping[str, str] | None = None
-) -> JobConfig:
-    """Read a FineTuneJob manifest or a bare spec, apply --set overrides and $KUBETUNE_DATA_PATH, validate."""
-    env = os.environ if env is None else env
-    doc: Any = {}
-    if path is not None:
-        try:
-            doc = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as e:
-            raise ConfigError(f"-f {path}: cannot read: {e.strerror}") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"-f {path}: not valid YAML: {e}") from e
-    if not isinstance(doc, dict):
-        raise ConfigError(f"-f {path}: expected a FineTuneJob manifest or a spec mapping")
-    name = "local"
-    if "spec" in doc or "kind" in doc:
-        if doc.get("kind", KIND) != KIND:
-            raise ConfigError(f"kind: expected {KIND}, got {doc.get('kind')!r}")
-        name = str((doc.get("metadata") or {}).get("name") or name)
-        spec = doc.get("spec") or {}
-    else:
-        spec = doc
-    spec = _deepcopy(spec)
-    for assignment in overrides:
-        set_path(spec, assignment)
-    if env.get("KUBETUNE_DATA_PATH"):
-        spec.setdefault("data", {})
-        if isinstance(spec["data"], dict):
-            spec["data"]["path"] = env["KUBETUNE_DATA_PATH"]
-    return parse_spec(spec, name=env.get("KUBETUNE_JOB") or name)
-
-
-def _deepcopy(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _deepcopy(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_deepcopy(v) for v in obj]
-    return obj
 
 
 def resume_changes(old_spec: Mapping[str, Any], new: JobConfig) -> tuple[str | None, list[str]]:
@@ -553,3 +422,9 @@ def resume_changes(old_spec: Mapping[str, Any], new: JobConfig) -> tuple[str | N
 def resume_mismatch(old_spec: Mapping[str, Any], new: JobConfig) -> str | None:
     """First run-defining field that differs between a checkpoint's spec and the current one, as a message."""
     return resume_changes(old_spec, new)[0]
+
+
+# Reading manifests lives in manifest.py; these names stay importable from here (cli, tests, benches).
+from kubetune_trainer.manifest import load_job, parse_spec, set_path  # noqa: E402
+
+__all__ = ["ConfigError", "JobConfig", "load_job", "parse_spec", "resume_changes", "set_path", "validate"]
