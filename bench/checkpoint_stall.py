@@ -27,7 +27,7 @@ def run() -> dict[str, Any]:
 
     from kubetune_trainer.checkpoint import Checkpointer
     from kubetune_trainer.config import CheckpointConfig
-    from kubetune_trainer.loop import rng_state
+    from kubetune_trainer.runtime import rng_state
 
     torch.manual_seed(0)
     model = timm.create_model(MODEL, num_classes=1000).train()

@@ -343,6 +343,21 @@ WANDB = obj(
 
 METRICS = obj("Prometheus metrics served by the trainer.", trainer_fields("metrics"), default={})
 
+TENSORBOARD = obj(
+    "TensorBoard: what the trainer writes, and whether the operator serves it. Can change at any time.",
+    trainer_fields("tensorboard")
+    | {
+        "serve": boolean(
+            "Serve the job's board at Service <job>-tensorboard (port 6006; `kubectl port-forward "
+            "svc/<job>-tensorboard 6006`), while it trains and after it ends. With a ReadWriteMany "
+            "checkpoint volume a separate pod serves it all along; with ReadWriteOnce a sidecar of the "
+            "rank-0 trainer pod serves it while an attempt runs, and a separate pod once the job ended.",
+            False,
+        ),
+    },
+    default={},
+)
+
 TOLERATION = obj(
     "A core/v1 Toleration: lets the pods schedule onto nodes with a matching taint.",
     {
@@ -442,6 +457,7 @@ SPEC = obj(
         "checkpoint": CHECKPOINT,
         "wandb": WANDB,
         "metrics": METRICS,
+        "tensorboard": TENSORBOARD,
         "image": string("Trainer container image. Unset: the operator's default image. Immutable.", 1024),
         "imagePullPolicy": enum("Pull policy of the trainer image.", ["Always", "IfNotPresent", "Never"]),
         "workers": integer(

@@ -123,7 +123,7 @@ def test_manifest_overrides_and_env(tmp_path: Path) -> None:
 
 def test_trainer_fields_and_defaults_are_exported() -> None:
     fields = c.trainer_fields()
-    assert set(fields) == {"model", "data", "training", "checkpoint", "wandb", "metrics"}
+    assert set(fields) == {"model", "data", "training", "checkpoint", "wandb", "metrics", "tensorboard"}
     assert "batchSize" in fields["training"] and "keepLast" in fields["checkpoint"]
     defaults = c.field_defaults()
     assert defaults["training"]["batchSize"] == 32 and defaults["wandb"]["tags"] == []

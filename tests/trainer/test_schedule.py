@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kubetune_trainer.loop import lr_factor
+from kubetune_trainer.components import lr_factor
 
 pytestmark = pytest.mark.unit
 

@@ -196,7 +196,16 @@ def test_defaults_within_bounds(schema: dict[str, Any]) -> None:
 def test_sections_default_to_empty_objects(schema: dict[str, Any]) -> None:
     """So the stored object shows every default and transition rules always see old and new values."""
     spec = schema["properties"]["spec"]["properties"]
-    for section in ("data", "training", "checkpoint", "wandb", "metrics", "resources", "runPolicy"):
+    for section in (
+        "data",
+        "training",
+        "checkpoint",
+        "wandb",
+        "metrics",
+        "tensorboard",
+        "resources",
+        "runPolicy",
+    ):
         assert spec[section].get("default") == {}, section
 
 
@@ -363,7 +372,9 @@ def test_resume_critical_sections_are_immutable(schema: dict[str, Any]) -> None:
         assert not any("oldSelf" in r for r in by_path.get(path, [])), path
 
 
-def test_trainer_bounds_and_choices_match_the_field_table(schema: dict[str, Any], trainer_config: Any) -> None:
+def test_trainer_bounds_and_choices_match_the_field_table(
+    schema: dict[str, Any], trainer_config: Any
+) -> None:
     """The API server and the trainer accept the same values: the CRD's bounds and enums are the table's."""
     spec = schema["properties"]["spec"]["properties"]
     drift = {}

@@ -12,9 +12,11 @@ from pathlib import Path
 
 from kubetune_trainer import stop
 from kubetune_trainer.config import ConfigError, load_job
+from kubetune_trainer.outcome import EXIT_CODES, Outcome
+
+__all__ = ["EXIT_CODES", "main"]
 
 log = logging.getLogger("kubetune_trainer")
-EXIT_CODES = {"Completed": 0, "Preempted": 143, "InvalidConfig": 2, "Error": 1}
 
 
 def termination_log_path() -> Path | None:
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from kubetune_trainer import loop  # after argparse, so --help stays fast
 
-    outcome = loop.Outcome("Error", 1)
+    outcome = Outcome("Error", 1)
     trainer = None
     rt = None
     try:
@@ -89,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer = loop.Trainer(cfg, root, rt, args.log_every_seconds)
         outcome = trainer.run()
     except ConfigError as e:
-        outcome = loop.Outcome("InvalidConfig", 2, message=str(e))
+        outcome = Outcome("InvalidConfig", 2, message=str(e))
         log.error("invalid job: %s", e)
     except Exception as e:
-        outcome = loop.Outcome("Error", 1, message=f"{type(e).__name__}: {e}")
+        outcome = Outcome("Error", 1, message=f"{type(e).__name__}: {e}")
         log.error("training failed: %s\n%s", e, traceback.format_exc())
     if trainer is not None:
         outcome.step, outcome.total_steps = (
@@ -106,17 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome.bad_images = trainer.data.bad_images()
         trainer.close(outcome.exit_code)
     report(
-        {
-            "reason": outcome.reason,
-            "step": outcome.step,
-            "totalSteps": outcome.total_steps,
-            "epoch": outcome.epoch,
-            "checkpoint": outcome.checkpoint,
-            "checkpointStep": outcome.checkpoint_step,
-            "lostSteps": outcome.lost_steps,
-            "badImages": outcome.bad_images,
-            "message": outcome.message,
-        },
+        outcome.termination_doc(),
         rt.rank if rt else 0,
         rt.local_rank if rt else 0,
     )

@@ -252,6 +252,18 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class TensorBoardConfig:
+    enabled: bool = spec_field(
+        True,
+        "Write TensorBoard event files (scalars, eval histograms and misclassified images, the spec, "
+        "hparams) to the checkpoint volume's tensorboard/ folder: one record per job, however many pods "
+        "it took (a resumed attempt drops what the last one logged after its checkpoint). On unless set "
+        "to false: the files are small and cost no training time.",
+        OBSERVE,
+    )
+
+
+@dataclass(frozen=True)
 class JobConfig:
     name: str
     """metadata.name of the FineTuneJob (`local` for a bare spec)."""
@@ -261,6 +273,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
 
     def to_spec(self) -> dict[str, Any]:
         """The spec as plain data (camelCase), as stored in checkpoints and logged to W&B."""
@@ -297,6 +310,7 @@ SECTIONS: dict[str, type] = {
     "checkpoint": CheckpointConfig,
     "wandb": WandbConfig,
     "metrics": MetricsConfig,
+    "tensorboard": TensorBoardConfig,
 }
 
 # Fields only the operator reads; the trainer accepts and ignores them so one manifest serves both.
@@ -320,6 +334,7 @@ OPERATOR_ONLY_FIELDS: dict[str, frozenset[str]] = {
     "data": frozenset({"claimName"}),
     "checkpoint": frozenset({"storage", "existingClaim", "retainOnDelete"}),
     "wandb": frozenset({"apiKeySecretRef"}),
+    "tensorboard": frozenset({"serve"}),
 }
 
 TRAINER_FIELDS: dict[str, tuple[str, ...]] = {

@@ -137,6 +137,20 @@ def bad_count(dataset: Dataset[Any] | None) -> int:
     return dataset.bad_count() if isinstance(dataset, ImageListDataset) else 0
 
 
+def report_bad(dataset: Dataset[Any], count: int, split: str, step: int, max_fraction: float) -> None:
+    """Log the split's undecodable images so far (WARNING, with the step and paths), then check_bad()."""
+    paths = dataset.bad_paths() if isinstance(dataset, ImageListDataset) else []
+    more = f" and {len(paths) - 10} more" if len(paths) > 10 else ""
+    log.warning(
+        "step %d: %d %s image(s) failed to decode so far, each replaced by a seeded stand-in: %s",
+        step,
+        count,
+        split,
+        ", ".join(paths[:10]) + more,
+    )
+    check_bad(dataset, max_fraction, split, count=count)
+
+
 def check_bad(
     dataset: Dataset[Any] | None, max_fraction: float, split: str, count: int | None = None
 ) -> None:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from kubetune_trainer.checkpoint import Checkpointer, Found, ProgressFile
 from kubetune_trainer.config import ConfigError, JobConfig, resume_changes
 from kubetune_trainer.runtime import Runtime
+from kubetune_trainer.telemetry import RunInfo
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,23 @@ class ResumeLedger:
             raise ConfigError(why)
         for change in applied:
             log.info("resume applies a changed field: %s", change)
+
+    def run_info(self, total_steps: int, start_step: int, spec: dict[str, Any], samples_done: int) -> RunInfo:
+        """What telemetry backends need at start: the run's identity and totals across attempts."""
+        return RunInfo(
+            job=self.rt.job,
+            namespace=self.rt.namespace,
+            total_steps=total_steps,
+            start_step=start_step,
+            spec=spec,
+            run_id=self.run_id,
+            first_start=self.first_start,
+            last_logged_step=self.wandb_step,
+            samples_done=samples_done,
+            resumes=self.resumes,
+            lost_steps=self.lost_steps_total,
+            extra={"checkpoint_step": self.checkpoint_step or 0, "dir": str(self.root)},
+        )
 
     def write(self, step: int, total_steps: int, wandb_step: int, finished: bool = False) -> None:
         if self.rt.rank != 0:

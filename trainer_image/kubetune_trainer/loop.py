@@ -1,4 +1,7 @@
-"""The training loop: build components, resume, step, evaluate, checkpoint, stop on SIGTERM, export.
+"""The training loop: one attempt of a run from resume to an Outcome (trained, stopped, or refused).
+
+It builds the parts (components.py), asks the resume ledger (ledger.py) where to continue from, runs
+steps (step.py), evaluates, checkpoints (checkpoint.py), stops on SIGTERM/SIGINT and exports (export.py).
 
 One step is one optimizer update (gradAccumulation micro-batches). Everything that decides the weights
 after step N (data order, RNG states, optimizer/scheduler/scaler/EMA state) is in the checkpoint, so a
@@ -11,7 +14,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,12 @@ from kubetune_trainer import data as data_mod
 from kubetune_trainer import model as model_mod
 from kubetune_trainer import telemetry
 from kubetune_trainer.checkpoint import Checkpointer
-from kubetune_trainer.components import build_components, build_sampler, lr_factor, resolve_precision
+from kubetune_trainer.components import build_components, build_sampler, resolve_precision
 from kubetune_trainer.config import JobConfig
 from kubetune_trainer.evaluate import evaluate
 from kubetune_trainer.export import export_final
 from kubetune_trainer.ledger import ResumeLedger
+from kubetune_trainer.outcome import Outcome
 from kubetune_trainer.runtime import (
     Runtime,
     init_runtime,
@@ -36,25 +39,10 @@ from kubetune_trainer.runtime import (
     set_rng_state,
     shutdown_runtime,
 )
+from kubetune_trainer.step import StepRunner
 from kubetune_trainer.stop import STOP, signal_name
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Outcome:
-    """How the run ended; cli.py turns it into the exit code and the termination message."""
-
-    reason: str
-    exit_code: int
-    step: int = 0
-    total_steps: int = 0
-    epoch: int = 0
-    checkpoint: str | None = None
-    checkpoint_step: int | None = None
-    lost_steps: int = 0
-    bad_images: int = 0
-    message: str = ""
 
 
 class Trainer:
@@ -98,6 +86,8 @@ class Trainer:
         if self.rt.distributed:
             ids = [self.rt.local_rank] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.stepper = StepRunner(self.model, parts, t, self.rt, self.precision)
+        self._autocast = self.stepper.autocast
         self.ckpt = Checkpointer(self.root, cfg.checkpoint, writer=self.rt.rank == 0)
         self.optimizer.register_step_pre_hook(lambda *_: self.ckpt.wait_copied())
         self.ledger = ResumeLedger(self.root, self.rt, self.ckpt)
@@ -177,20 +167,8 @@ class Trainer:
     def steps(self) -> Iterator[int]:
         """The loop as a generator yielding the global step after each optimizer step (benchmarks drive it
         step by step); sets self.outcome when it ends."""
-        led = self.ledger
-        info = telemetry.RunInfo(
-            job=self.rt.job,
-            namespace=self.rt.namespace,
-            total_steps=self.total_steps,
-            start_step=self.step,
-            spec=self.cfg.to_spec(),
-            run_id=led.run_id,
-            first_start=led.first_start,
-            last_logged_step=led.wandb_step,
-            samples_done=self.step * self._global_batch(),
-            resumes=led.resumes,
-            lost_steps=led.lost_steps_total,
-            extra={"checkpoint_step": self.checkpoint_step or 0, "dir": str(self.root)},
+        info = self.ledger.run_info(
+            self.total_steps, self.step, self.cfg.to_spec(), self.step * self._global_batch()
         )
         self.telemetry.start(info)
         model_mod.set_train_mode(self.model, self.frozen)
@@ -233,19 +211,18 @@ class Trainer:
         return False
 
     def _report_bad(self, dataset: Any, count: int, split: str) -> None:
-        """New undecodable images: a WARNING with the step and paths, the metric, then the fraction check."""
-        paths = dataset.bad_paths()
-        log.warning(
-            "step %d: %d %s image(s) failed to decode so far, each replaced by a seeded stand-in: %s",
-            self.step,
-            count,
-            split,
-            ", ".join(paths[:10]) + (f" and {len(paths) - 10} more" if len(paths) > 10 else ""),
-        )
+        """New undecodable images: the metric, a WARNING with the step and paths, the fraction check."""
         if split == "train":
             self._bad_seen = count
         self.telemetry.bad_images(self.data.bad_images())
-        data_mod.check_bad(dataset, self.cfg.data.maxBadFraction, split, count=count)
+        data_mod.report_bad(dataset, count, split, self.step, self.cfg.data.maxBadFraction)
+
+    def _max_over_ranks(self, value: float) -> float:
+        if not self.rt.distributed:
+            return value
+        box = torch.tensor([value], device=self.device)
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+        return float(box.item())
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._iter is None:
@@ -262,37 +239,11 @@ class Trainer:
             raise
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
     def _train_step(self) -> None:
-        t = self.cfg.training
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=self.device)
-        for micro in range(t.gradAccumulation):
-            x, y = self._next_batch()
-            last = micro == t.gradAccumulation - 1
-            sync = contextlib.nullcontext() if last or not self.rt.distributed else self.model.no_sync()  # type: ignore[operator]
-            with sync:
-                with self._autocast():
-                    loss = self.criterion(self.model(x), y) / t.gradAccumulation
-                self.scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        if t.gradClip:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], t.gradClip)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        loss, lr = self.stepper.run(self._next_batch, self.step + 1)
         self.step += 1
         self.step_in_epoch += 1
-        if self.ema is not None:
-            self.ema.update(model_mod.unwrap(self.model), step=self.step)  # type: ignore[operator]
-        self._after_step(float(loss_sum.item()), lr)
+        self._after_step(loss, lr)
 
     def _after_step(self, loss: float, lr: float) -> None:
         now = time.perf_counter()
@@ -372,11 +323,7 @@ class Trainer:
             t.data.numWorkers,
             self._autocast,
         )
-        bad = data_mod.bad_count(self.data.val)
-        if self.rt.distributed:
-            box = torch.tensor([float(bad)], device=self.device)
-            dist.all_reduce(box, op=dist.ReduceOp.MAX)
-            bad = int(box.item())
+        bad = int(self._max_over_ranks(data_mod.bad_count(self.data.val)))
         if bad:
             self._report_bad(self.data.val, bad, "val")
         self.metrics.update(result)
@@ -461,13 +408,4 @@ class Trainer:
             self.ledger.close()
 
 
-__all__ = [
-    "STOP",
-    "Outcome",
-    "Runtime",
-    "Trainer",
-    "init_runtime",
-    "lr_factor",
-    "rng_state",
-    "shutdown_runtime",
-]
+__all__ = ["STOP", "Outcome", "Runtime", "Trainer", "init_runtime", "shutdown_runtime"]
