@@ -3,6 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: setup test unit lint cluster-up cluster-down demo bench clean
 
@@ -32,9 +33,9 @@ cluster-up: setup
 cluster-down:
 	@bash hack/cluster.sh down
 
-## demo: the product end to end.
+## demo: the product end to end (DEMO_ARGS=--keep leaves the cluster up, --verify compares weights).
 demo: setup
-	@bash hack/demo.sh
+	@bash hack/demo.sh $(DEMO_ARGS)
 
 ## bench: run the benchmarks; JSON lands in bench/results/, a table is printed.
 bench: setup

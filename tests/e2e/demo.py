@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"operator pod {op.metadata.name} on {op.spec.node_name} ({op.status.pod_ip})")
         digits = sc.dataset(env)
         job = "digits"
-        ckpt = sc.create_job(env, job, args.steps, args.every)
+        ckpt = sc.create_job(env, job, args.steps, args.every, tensorboard=True)
         console.print(f"FineTuneJob {env.namespace}/{job}: test_resnet on digits, {args.steps} steps, "
                       f"checkpoint every {args.every}")  # fmt: skip
 
@@ -103,6 +103,15 @@ def main(argv: list[str] | None = None) -> int:
             raise errors[0]
         st = env.status(job)
         summary(env, job, st, disruptions, ckpt, time.monotonic() - t_job)
+        board = sc.check_tensorboard(env, job, sc.REPO / "bench" / "results" / "tensorboard.png")
+        steps = board["steps"]
+        console.print(
+            f"tensorboard: pod {board['pod']} serves one record of {len(steps)} steps "
+            f"({steps[0]}..{steps[-1]}, each once: {steps == sorted(set(steps))}); screenshot {board['png']}\n"
+            f"  see it{'' if args.keep else ' (after make demo DEMO_ARGS=--keep)'}: KUBECONFIG={cluster.kubeconfig} "
+            f"{sc.BIN}/kubectl -n {env.namespace} port-forward svc/{sc.tensorboard_service(job)} 6006"
+            "   # then open http://127.0.0.1:6006"
+        )
         if args.verify:
             same = (ckpt / "final" / "model.safetensors").read_bytes() == sc.reference_weights(
                 env, job, args.steps, args.every, digits

@@ -325,9 +325,12 @@ def job_spec(steps: int, every: int, grace: int, cpu: str) -> dict[str, Any]:
     }
 
 
-def create_job(env: Env, name: str, steps: int, every: int, grace: int = 30, cpu: str = "1") -> Path:
+def create_job(
+    env: Env, name: str, steps: int, every: int, grace: int = 30, cpu: str = "1", tensorboard: bool = False
+) -> Path:
     """Create the job with its own checkpoint claim (a hostPath PV we can read); returns that host dir.
-    A job of that name from an earlier run is deleted first, with its pods."""
+    A job of that name from an earlier run is deleted first, with its pods. `tensorboard` asks the
+    operator to serve the job's board (spec.tensorboard.serve)."""
     try:
         env.custom.delete_namespaced_custom_object(GROUP, VERSION, env.namespace, PLURAL, name)
     except client.ApiException as exc:
@@ -341,6 +344,8 @@ def create_job(env: Env, name: str, steps: int, every: int, grace: int = 30, cpu
     spec = job_spec(steps, every, grace, cpu)
     spec["data"]["claimName"] = "digits"
     spec["checkpoint"]["existingClaim"] = f"{name}-ckpt-e2e"
+    if tensorboard:
+        spec["tensorboard"] = {"serve": True}
     apply(
         env,
         {
@@ -659,3 +664,130 @@ def operator_preemptions(env: Env) -> dict[str, float]:
     pod = operator_pod(env)
     samples = scrape(f"http://{pod.status.pod_ip}:8080/metrics")
     return {k: v for k, v in samples.items() if k.startswith("kubetune_preemptions_total{")}
+
+
+# --- TensorBoard, as a user sees it: kubectl port-forward to the Service, the HTTP API, a real browser ----
+TB_PORT = 6006
+CHROMIUM = "/usr/bin/chromium"
+# The first run's line colour in TensorBoard's light theme (#ff7043): what a drawn curve is made of.
+TB_RUN_COLOUR = (255, 112, 67)
+
+
+def tensorboard_service(job: str) -> str:
+    return f"{job}-tensorboard"
+
+
+@contextlib.contextmanager
+def port_forward(env: Env, target: str, remote: int, timeout: float = 60) -> Any:
+    """`kubectl port-forward <target> :<remote>` (a Service: kubectl picks one of its pods, as for a
+    user); yields the local port kubectl chose and stops the forward afterwards (by PID)."""
+    argv = [str(BIN / "kubectl"), "--kubeconfig", str(env.cluster.kubeconfig), "-n", env.namespace]
+    proc = subprocess.Popen(
+        [*argv, "port-forward", target, f":{remote}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # "Forwarding from 127.0.0.1:41234 -> 6006"
+        if "Forwarding from" not in line:
+            proc.kill()
+            raise AssertionError(
+                f"kubectl port-forward {target}: {line!r} {proc.stderr.read() if proc.stderr else ''}"
+            )
+        port = int(line.split("->")[0].rsplit(":", 1)[1])
+        yield port
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def http_json(url: str, timeout: float = 10) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def tensorboard_scalar_steps(port: int, tag: str = "train/loss", timeout: float = 120) -> list[int]:
+    """The steps of `tag` as TensorBoard's scalars API serves them (waiting until its reload saw them)."""
+    base = f"http://127.0.0.1:{port}"
+    got: list[list[float]] = []
+
+    def loaded() -> bool:
+        nonlocal got
+        try:
+            runs = http_json(f"{base}/data/runs")
+            if not runs:
+                return False
+            got = http_json(f"{base}/data/plugin/scalars/scalars?run={runs[0]}&tag={tag}")
+        except OSError:
+            return False
+        return bool(got)
+
+    wait_for(loaded, timeout, desc=f"TensorBoard to serve {tag}")
+    return [int(step) for _, step, _ in got]
+
+
+def screenshot(url: str, out: Path, budget_ms: int = 20000) -> None:
+    """A headless Chromium screenshot (flags as this machine needs: no sandbox as root, no background
+    networking on a closed network)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        import tempfile
+
+        profile = stack.enter_context(tempfile.TemporaryDirectory(prefix="kubetune-chromium-"))
+        subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--hide-scrollbars", "--window-size=1400,1000",
+             f"--virtual-time-budget={budget_ms}", f"--screenshot={out}", url],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+
+
+def curve_pixels(png: Path, left: int = 360, top: int = 150) -> int:
+    """Pixels of the first run's line colour outside the header and the run list: 0 for a page that drew
+    no chart (a blank page, an error page, an empty dashboard)."""
+    from PIL import Image
+
+    with Image.open(png) as img:
+        rgb = img.convert("RGB")
+        px, (w, h) = rgb.load(), rgb.size
+        r0, g0, b0 = TB_RUN_COLOUR
+        return sum(
+            1
+            for x in range(left, w)
+            for y in range(top, h)
+            if abs(px[x, y][0] - r0) < 12 and abs(px[x, y][1] - g0) < 25 and abs(px[x, y][2] - b0) < 28
+        )
+
+
+def tensorboard_ready(env: Env, job: str, timeout: float = 300) -> client.V1Pod:
+    """The pod the job's TensorBoard Service selects, once it is Ready."""
+    svc = env.core.read_namespaced_service(tensorboard_service(job), env.namespace)
+    selector = ",".join(f"{k}={v}" for k, v in (svc.spec.selector or {}).items())
+    found: list[client.V1Pod] = []
+
+    def ready() -> bool:
+        found[:] = [
+            p
+            for p in env.core.list_namespaced_pod(env.namespace, label_selector=selector).items
+            if any(c.type == "Ready" and c.status == "True" for c in (p.status.conditions or []))
+        ]
+        return bool(found)
+
+    wait_for(ready, timeout, desc=f"a Ready pod behind service {svc.metadata.name} ({selector})")
+    return found[0]
+
+
+def check_tensorboard(env: Env, job: str, out: Path) -> dict[str, Any]:
+    """Port-forward the job's Service as docs/install.md says, read train/loss through the HTTP API and
+    screenshot the scalars page; returns what a test asserts on."""
+    pod = tensorboard_ready(env, job)
+    with port_forward(env, f"svc/{tensorboard_service(job)}", TB_PORT) as port:
+        steps = tensorboard_scalar_steps(port)
+        screenshot(f"http://127.0.0.1:{port}/?darkMode=false#scalars", out)
+    return {"pod": pod.metadata.name, "steps": steps, "png": str(out), "curve_pixels": curve_pixels(out)}

@@ -58,7 +58,7 @@ def digits(env: sc.Env) -> Path:
 @pytest.mark.timeout(1800)
 def test_three_real_preemptions_resume_exactly(env: sc.Env, digits: Path) -> None:
     job = "digits"
-    ckpt = sc.create_job(env, job, STEPS, EVERY, GRACE)
+    ckpt = sc.create_job(env, job, STEPS, EVERY, GRACE, tensorboard=True)
     progress: list[int] = []
 
     def tick(st: dict) -> None:  # type: ignore[type-arg]
@@ -68,9 +68,14 @@ def test_three_real_preemptions_resume_exactly(env: sc.Env, digits: Path) -> Non
 
     log = print
     disruptions = []
+    served_while_training: list[int] = []
     for kind in ("scheduler-preemption", "eviction", "delete"):
         disruptions.append(sc.disrupt(env, job, kind, min_progress=EVERY + 5, log=log))
         tick(env.status(job))
+        if kind == "scheduler-preemption":  # the board of a running attempt, through the same Service
+            sc.tensorboard_ready(env, job)
+            with sc.port_forward(env, f"svc/{sc.tensorboard_service(job)}", sc.TB_PORT) as port:
+                served_while_training = sc.tensorboard_scalar_steps(port)
     st = sc.wait_done(env, job, on_tick=tick)
 
     assert st["phase"] == "Succeeded", st
@@ -96,6 +101,13 @@ def test_three_real_preemptions_resume_exactly(env: sc.Env, digits: Path) -> Non
     ids, steps = sc.wandb_history_steps(ckpt)
     assert len(ids) == 1, ids
     assert steps == sorted(set(steps)) and steps[-1] == STEPS, steps[-10:]
+
+    # One TensorBoard record across the four attempts, served through the Service while the job trained
+    # and after it ended: each step once, in order, none missing; and a browser draws it.
+    assert served_while_training and served_while_training == sorted(set(served_while_training))
+    board = sc.check_tensorboard(env, job, sc.REPO / "bench" / "results" / "tensorboard.png")
+    assert board["steps"] == list(range(1, STEPS + 1)), board["steps"][:20]
+    assert board["curve_pixels"] > 200, board  # the scalars page drew curves (see the PNG)
 
     # The operator (a pod) counted the three preemptions by reason.
     by_reason = sc.operator_preemptions(env)
