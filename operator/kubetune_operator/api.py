@@ -29,6 +29,9 @@ DATA_MOUNT = "/data"
 CHECKPOINT_MOUNT = "/checkpoints"
 CONFIG_MOUNT = "/etc/kubetune"
 JOB_FILE = "job.yaml"
+# Where the trainer writes TensorBoard event files (the checkpoint volume's tensorboard/ folder).
+TENSORBOARD_DIR = f"{CHECKPOINT_MOUNT}/tensorboard"
+TENSORBOARD_PORT = 6006
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -59,6 +62,14 @@ class CheckpointStorage:
     storage_class_name: str | None = None
     existing_claim: str | None = None
     retain_on_delete: bool = False
+
+
+@dataclass(frozen=True)
+class TensorBoard:
+    """`enabled`: the trainer writes event files. `serve`: the operator serves them (Service + pod)."""
+
+    enabled: bool = True
+    serve: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,6 +117,7 @@ class JobSpec:
     pod_template: PodTemplate = field(default_factory=PodTemplate)
     wandb_secret: SecretRef | None = None
     metrics_port: int = 9400
+    tensorboard: TensorBoard = field(default_factory=TensorBoard)
     run_policy: RunPolicy = field(default_factory=RunPolicy)
     trainer: Mapping[str, Any] = field(default_factory=dict)
 
@@ -194,6 +206,7 @@ def parse_spec(raw: Mapping[str, Any], default_image: str = "") -> JobSpec:
     data = _section(raw, "data")
     wandb = _section(raw, "wandb")
     metrics = _section(raw, "metrics")
+    board = _section(raw, "tensorboard")
     policy = _section(raw, "runPolicy")
     tmpl = _section(raw, "podTemplate")
     secret = wandb.get("apiKeySecretRef")
@@ -229,6 +242,9 @@ def parse_spec(raw: Mapping[str, Any], default_image: str = "") -> JobSpec:
         ),
         wandb_secret=SecretRef(name=secret["name"], key=secret.get("key") or "api-key") if secret else None,
         metrics_port=_int_or(metrics, "port", "spec.metrics.port", 9400),
+        tensorboard=TensorBoard(
+            enabled=bool(board.get("enabled", True)), serve=bool(board.get("serve", False))
+        ),
         run_policy=RunPolicy(
             backoff_limit=_int_or(policy, "backoffLimit", "spec.runPolicy.backoffLimit", 3),
             max_preemptions=_int(policy, "maxPreemptions", "spec.runPolicy.maxPreemptions", None),

@@ -20,6 +20,8 @@ from kubetune_operator.api import (
     JOB_FILE,
     KIND,
     OPERATOR_ONLY_NESTED,
+    TENSORBOARD_DIR,
+    TENSORBOARD_PORT,
     FineTuneJob,
     JobRef,
 )
@@ -28,6 +30,10 @@ LABEL_JOB = "kubetune.io/job-name"
 LABEL_ATTEMPT = "kubetune.io/attempt"
 LABEL_RANK = "kubetune.io/rank"
 LABEL_COMPONENT = "app.kubernetes.io/component"
+# On the pod that serves the job's TensorBoard (the standalone server, or rank 0 with the sidecar):
+# the Service selects it, so port-forwarding keeps working whichever pod serves.
+LABEL_TENSORBOARD = "kubetune.io/tensorboard"
+TENSORBOARD_CONTAINER = "tensorboard"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "kubetune", "app.kubernetes.io/name": "kubetune"}
 RENDEZVOUS_PORT = 29500
 # Seconds torchrun waits for workers after forwarding SIGTERM; the rest of the grace period is margin.
@@ -58,6 +64,11 @@ def configmap_name(name: str) -> str:
 
 def service_name(name: str) -> str:
     return _fit(name, "-workers")
+
+
+def tensorboard_name(name: str) -> str:
+    """The TensorBoard Service and its standalone pod."""
+    return _fit(name, "-tensorboard")
 
 
 def pod_name(name: str, attempt: int, rank: int) -> str:
@@ -156,7 +167,7 @@ def headless_service(job: FineTuneJob) -> dict[str, Any] | None:
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
-            "selector": {LABEL_JOB: job_label(job.ref.name)},
+            "selector": {LABEL_JOB: job_label(job.ref.name), LABEL_COMPONENT: "trainer"},
             "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}],
         },
     }
@@ -221,13 +232,7 @@ def _container(job: FineTuneJob, attempt: int, rank: int) -> dict[str, Any]:
         "volumeMounts": mounts,
         "terminationMessagePath": "/dev/termination-log",
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _container_security(),
     }
     if spec.distributed:
         shutdown = max(1, spec.termination_grace_period_seconds - TORCHRUN_MARGIN_SECONDS)
@@ -242,16 +247,47 @@ def _container(job: FineTuneJob, attempt: int, rank: int) -> dict[str, Any]:
     return container
 
 
-def trainer_pod(job: FineTuneJob, attempt: int, rank: int) -> dict[str, Any]:
-    """Pod `rank` of `attempt` (1-based). Restart policy Never: the operator, not the kubelet, retries."""
+def _container_security() -> dict[str, Any]:
+    """Every container the operator creates meets the `restricted` Pod Security Standard."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _pod_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,  # the trainer image's user
+        "runAsGroup": 65532,
+        "fsGroup": 65532,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _user_labels(job: FineTuneJob) -> dict[str, str]:
+    """podTemplate labels, without the serving label: only the operator says which pod serves."""
+    return {k: v for k, v in job.spec.pod_template.labels.items() if k != LABEL_TENSORBOARD}
+
+
+def trainer_pod(
+    job: FineTuneJob, attempt: int, rank: int, tensorboard_sidecar: bool = False
+) -> dict[str, Any]:
+    """Pod `rank` of `attempt` (1-based). Restart policy Never: the operator, not the kubelet, retries.
+
+    `tensorboard_sidecar` (rank 0 only) adds the TensorBoard server as a native sidecar: it serves while
+    the attempt runs, and the kubelet stops it once the trainer container exits, so the pod completes."""
     spec = job.spec
     name = pod_name(job.ref.name, attempt, rank)
-    meta = _meta(
-        job,
-        name,
-        {LABEL_ATTEMPT: str(attempt), LABEL_RANK: str(rank), LABEL_COMPONENT: "trainer"},
-    )
-    meta["labels"] = {**spec.pod_template.labels, **meta["labels"]}
+    sidecar = tensorboard_sidecar and rank == 0
+    extra = {LABEL_ATTEMPT: str(attempt), LABEL_RANK: str(rank), LABEL_COMPONENT: "trainer"}
+    if sidecar:
+        extra[LABEL_TENSORBOARD] = "true"
+    meta = _meta(job, name, extra)
+    meta["labels"] = {**_user_labels(job), **meta["labels"]}
     annotations = dict(spec.pod_template.annotations)
     if spec.metrics_port:
         annotations.update(
@@ -279,16 +315,12 @@ def trainer_pod(job: FineTuneJob, attempt: int, rank: int) -> dict[str, Any]:
         "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
         "automountServiceAccountToken": bool(spec.service_account_name),
         "enableServiceLinks": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": 65532,  # the trainer image's user
-            "runAsGroup": 65532,
-            "fsGroup": 65532,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _pod_security(),
         "containers": [_container(job, attempt, rank)],
         "volumes": volumes,
     }
+    if sidecar:
+        pod_spec["initContainers"] = [_tensorboard_container(job, sidecar=True)]
     if spec.service_account_name:
         pod_spec["serviceAccountName"] = spec.service_account_name
     if spec.workers > 1:
@@ -305,6 +337,97 @@ def trainer_pod(job: FineTuneJob, attempt: int, rank: int) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
 
 
-def attempt_pods(job: FineTuneJob, attempt: int) -> list[dict[str, Any]]:
+def attempt_pods(job: FineTuneJob, attempt: int, tensorboard_sidecar: bool = False) -> list[dict[str, Any]]:
     """Every pod of one attempt: the gang that starts (and restarts) together."""
-    return [trainer_pod(job, attempt, rank) for rank in range(job.spec.workers)]
+    return [trainer_pod(job, attempt, rank, tensorboard_sidecar) for rank in range(job.spec.workers)]
+
+
+# -- TensorBoard ----------------------------------------------------------------------------------------
+_TENSORBOARD_ARGS = ["--logdir", TENSORBOARD_DIR, "--bind_all", "--port", str(TENSORBOARD_PORT)]
+# The sidecar must never keep the trainer from starting: the kubelet starts the pod's main containers
+# only once every sidecar runs, so a server that exits at once (an image without tensorboard, a crash)
+# would block the attempt. The loop keeps the container running and retries; `tini -g` passes SIGTERM
+# to the whole group, so the sidecar stops at once when the trainer exits or the pod is deleted.
+_SIDECAR_SCRIPT = (
+    'while :; do "$0" "$@"; echo "tensorboard exited with $?; retrying in 10s" >&2; sleep 10; done'
+)
+
+
+def _tensorboard_container(job: FineTuneJob, sidecar: bool) -> dict[str, Any]:
+    """The TensorBoard server: the trainer image (tensorboard is in its venv), the checkpoint volume
+    read-only, a read-only root filesystem with /tmp an emptyDir, small requests, ready when / answers."""
+    command = ["tini", "--", "tensorboard", *_TENSORBOARD_ARGS]
+    if sidecar:
+        command = ["tini", "-g", "--", "sh", "-c", _SIDECAR_SCRIPT, "tensorboard", *_TENSORBOARD_ARGS]
+    container: dict[str, Any] = {
+        "name": TENSORBOARD_CONTAINER,
+        "image": job.spec.image,
+        "imagePullPolicy": job.spec.image_pull_policy,
+        "command": command,  # the image's entrypoint is the trainer
+        "env": [{"name": "HOME", "value": "/tmp"}],
+        "ports": [{"name": "tensorboard", "containerPort": TENSORBOARD_PORT, "protocol": "TCP"}],
+        "readinessProbe": {
+            "httpGet": {"path": "/", "port": TENSORBOARD_PORT},
+            "periodSeconds": 5,
+            "timeoutSeconds": 3,
+            "failureThreshold": 3,
+        },
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "256Mi"},
+            "limits": {"memory": "1Gi"},  # a runaway board must not take the trainer's node memory
+        },
+        "volumeMounts": [
+            {"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "securityContext": _container_security(),
+    }
+    if sidecar:
+        container["restartPolicy"] = "Always"  # a native sidecar (Kubernetes 1.29+; GA in 1.33)
+    return container
+
+
+def tensorboard_service(job: FineTuneJob) -> dict[str, Any]:
+    """`<job>-tensorboard`, port 6006: whichever pod serves (standalone or the rank-0 sidecar)."""
+    name = tensorboard_name(job.ref.name)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(job, name, {LABEL_COMPONENT: "tensorboard"}),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {LABEL_JOB: job_label(job.ref.name), LABEL_TENSORBOARD: "true"},
+            # A numeric targetPort: kubectl port-forward resolves named ports in regular containers only,
+            # and the sidecar is an init container.
+            "ports": [
+                {"name": "http", "port": TENSORBOARD_PORT, "targetPort": TENSORBOARD_PORT, "protocol": "TCP"}
+            ],
+        },
+    }
+
+
+def tensorboard_pod(job: FineTuneJob) -> dict[str, Any]:
+    """The standalone server `<job>-tensorboard`: mounts the checkpoint claim read-only.
+
+    No node selector, affinity or tolerations: it needs no GPU, and on a spot GPU node it would keep
+    that node from scaling down. The kubelet restarts its container; the operator recreates the pod."""
+    spec = job.spec
+    name = tensorboard_name(job.ref.name)
+    meta = _meta(job, name, {LABEL_COMPONENT: "tensorboard", LABEL_TENSORBOARD: "true"})
+    meta["labels"] = {**_user_labels(job), **meta["labels"]}
+    claim = spec.checkpoint.existing_claim or pvc_name(job.ref.name)
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Always",
+        "terminationGracePeriodSeconds": 10,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": _pod_security(),
+        "containers": [_tensorboard_container(job, sidecar=False)],
+        "volumes": [
+            {"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}},
+            {"name": "tmp", "emptyDir": {}},
+        ],
+    }
+    if spec.service_account_name:  # it may carry the imagePullSecrets for the trainer image
+        pod_spec["serviceAccountName"] = spec.service_account_name
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}

@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from kubetune_operator import builders, lifecycle, pods
+from kubetune_operator import builders, lifecycle, pods, tensorboard
 from kubetune_operator.api import API_VERSION, FineTuneJob, SpecError, parse_job
 from kubetune_operator.kube import ApiError, Kube
 from kubetune_operator.metrics import OperatorMetrics, parse_trainer_metrics
@@ -71,6 +71,10 @@ class Controller:
         self.pods: dict[JobKey, dict[str, _PodEntry]] = {}
         self.scrapes: dict[JobKey, _Scrape] = {}
         self.ended_at: dict[JobKey, float] = {}
+        # spec.checkpoint.existingClaim -> its access modes (immutable once the claim exists).
+        self.claim_modes: dict[JobKey, tuple[str, tuple[str, ...]]] = {}
+        # Why the last TensorBoard create failed, shown in the next reconcile's TensorBoardReady condition.
+        self.board_errors: dict[JobKey, str] = {}
         self.metrics = OperatorMetrics(
             lambda: [(j.get("status") or {}).get("phase") or "Pending" for j in self.jobs.values()],
             lambda: self.kube.requests,
@@ -86,6 +90,8 @@ class Controller:
             self.jobs.pop(key, None)
             self.pods.pop(key, None)
             self.scrapes.pop(key, None)
+            self.claim_modes.pop(key, None)
+            self.board_errors.pop(key, None)
             self.queue.forget(key)
             return
         cached = self.jobs.get(key)
@@ -170,7 +176,8 @@ class Controller:
             await self._reject(body, status, err, now)
             return None
         finished = status.get("phase") in FINISHED and job.spec.run_policy.ttl_seconds_after_finished is None
-        if finished and all(e.gone for e in self.pods.get(key, {}).values()):
+        gone = all(e.gone for e in self.pods.get(key, {}).values())
+        if finished and gone and not tensorboard.involved(job, status):
             return None
         views = await self._pod_views(key, job, status)
         obs = lifecycle.Observed(
@@ -183,11 +190,16 @@ class Controller:
             if status.get("nextAttemptTime") or "attempt" not in status
             else (),
             unready_nodes=await self._unready_nodes(views),
+            tensorboard_server=self._tensorboard_server(key, job),
+            existing_claim_modes=await self._existing_claim_modes(key, job),
+            tensorboard_error=self.board_errors.get(key),
         )
         plan = lifecycle.plan(obs, self.config.lifecycle)
         if not await self._write_status(key, body, status, plan.status):
             return 0.5  # someone wrote first: re-plan from the newer object
         await self._apply(key, body, job, plan)
+        if not await self._apply_tensorboard(key, plan):
+            return 0.5  # show why in the condition
         requeue = plan.requeue_after
         if plan.status.get("phase") == "Running" and job.spec.metrics_port:
             requeue = min(requeue or self.config.scrape_interval, self.config.scrape_interval)
@@ -224,11 +236,35 @@ class Controller:
                         self.pod_event("ADDED", pod)
         views = []
         for entry in entries.values():
-            owner: dict[str, Any] = next(iter(entry.body["metadata"].get("ownerReferences") or []), {})
-            if owner.get("uid") != job.ref.uid:
+            if _owner_uid(entry.body) != job.ref.uid:
                 continue  # a pod of an earlier job with the same name
+            if _is_tensorboard_server(entry.body):
+                continue
             views.append(pods.pod_view(entry.body, gone=entry.gone))
         return views
+
+    def _tensorboard_server(self, key: JobKey, job: FineTuneJob) -> tensorboard.ServerView | None:
+        """The standalone TensorBoard pod of this job, as the watch showed it last."""
+        entry = self.pods.get(key, {}).get(builders.tensorboard_name(job.ref.name))
+        if entry is None or _owner_uid(entry.body) != job.ref.uid or not _is_tensorboard_server(entry.body):
+            return None
+        return tensorboard.server_view(entry.body, gone=entry.gone)
+
+    async def _existing_claim_modes(self, key: JobKey, job: FineTuneJob) -> tuple[str, ...] | None:
+        """spec.checkpoint.existingClaim's access modes, when TensorBoard is served (it decides between
+        a standalone pod and a sidecar); None while the claim does not exist."""
+        claim = job.spec.checkpoint.existing_claim
+        if not claim or not job.spec.tensorboard.serve:
+            return None
+        cached = self.claim_modes.get(key)
+        if cached is not None and cached[0] == claim:
+            return cached[1]
+        pvc = await self.kube.get("v1", "PersistentVolumeClaim", job.ref.namespace, claim)
+        if pvc is None:
+            return None
+        modes = tuple((pvc.get("spec") or {}).get("accessModes") or ())
+        self.claim_modes[key] = (claim, modes)
+        return modes
 
     async def _missing(self, job: FineTuneJob) -> tuple[str, ...]:
         """Claims the user must create before pods can start (a waiting condition, not a crash).
@@ -353,6 +389,8 @@ class Controller:
                 self.metrics.recovery.observe(time.monotonic() - ended)
         for name in plan.delete_pods:
             await self.kube.delete("v1", "Pod", ns, name)
+        for name in plan.delete_services:
+            await self.kube.delete("v1", "Service", ns, name)
         for name in plan.force_delete_pods:
             await self.kube.delete("v1", "Pod", ns, name, grace_seconds=0)
         if plan.failed:
@@ -363,6 +401,33 @@ class Controller:
         if plan.delete_job:
             await self.kube.delete(API_VERSION, "FineTuneJob", ns, job.ref.name)
 
+    async def _apply_tensorboard(self, key: JobKey, plan: lifecycle.Plan) -> bool:
+        """Create the TensorBoard objects; False when the API refused one (a quota, a LimitRange): that is
+        remembered for the condition, and never keeps the trainer's lifecycle from going on."""
+        for obj in plan.tensorboard_create:
+            try:
+                await self.kube.create(obj)
+            except ApiError as err:
+                what = f"{obj['kind']} {obj['metadata']['name']}: {err.message}"
+                log.warning("%s/%s: could not create %s", *key, what)
+                self.board_errors[key] = what
+                return False
+        if plan.tensorboard_create:
+            self.board_errors.pop(key, None)
+        return True
+
     def _attempt_end_time(self, key: JobKey) -> float | None:
-        times = [e.ended_at for e in self.pods.get(key, {}).values() if e.ended_at is not None]
+        entries = self.pods.get(key, {}).values()
+        times = [e.ended_at for e in entries if e.ended_at is not None and not _is_tensorboard_server(e.body)]
         return max(times) if times else None
+
+
+def _owner_uid(body: Mapping[str, Any]) -> str | None:
+    owner: dict[str, Any] = next(iter(body["metadata"].get("ownerReferences") or []), {})
+    return owner.get("uid")
+
+
+def _is_tensorboard_server(body: Mapping[str, Any]) -> bool:
+    """The standalone TensorBoard pod, not a trainer pod (which may carry the serving label too)."""
+    labels = body["metadata"].get("labels") or {}
+    return labels.get(builders.LABEL_COMPONENT) == "tensorboard"

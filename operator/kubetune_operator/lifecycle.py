@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from kubetune_operator import builders
+from kubetune_operator import builders, tensorboard
 from kubetune_operator.api import FineTuneJob
 from kubetune_operator.pods import (
     CONFIG_WAIT_REASONS,
@@ -81,6 +81,16 @@ class Observed:
     progress: Progress | None = None
     missing: tuple[str, ...] = ()  # dependencies that do not exist yet (dataset claim, secret)
     unready_nodes: frozenset[str] = frozenset()  # nodes NotReady or gone (for stuck pods)
+    tensorboard_server: tensorboard.ServerView | None = None  # the standalone TensorBoard pod
+    tensorboard_error: str | None = None  # why the last TensorBoard create failed (the API's words)
+    existing_claim_modes: tuple[str, ...] | None = None  # spec.checkpoint.existingClaim's; None: not found
+
+    @property
+    def claim_modes(self) -> tuple[str, ...] | None:
+        """Access modes of the checkpoint claim (None: the existing claim was not found)."""
+        if self.job.spec.checkpoint.existing_claim:
+            return self.existing_claim_modes
+        return tensorboard.own_claim_modes(self.job)
 
 
 @dataclass(frozen=True)
@@ -94,7 +104,10 @@ class Event:
 class Plan:
     status: dict[str, Any]
     create: tuple[dict[str, Any], ...] = ()  # children to create if absent (PVC, ConfigMap, Service, Pods)
+    # TensorBoard objects to create if absent: applied last, and their failure never stops the rest.
+    tensorboard_create: tuple[dict[str, Any], ...] = ()
     delete_pods: tuple[str, ...] = ()  # graceful deletes
+    delete_services: tuple[str, ...] = ()
     force_delete_pods: tuple[str, ...] = ()  # grace 0: pods stuck on a lost node
     delete_job: bool = False
     events: tuple[Event, ...] = ()
@@ -109,7 +122,9 @@ class Plan:
 class _Draft:
     status: dict[str, Any]
     create: list[dict[str, Any]] = field(default_factory=list)
+    board_create: list[dict[str, Any]] = field(default_factory=list)
     delete: list[str] = field(default_factory=list)
+    delete_services: list[str] = field(default_factory=list)
     force: list[str] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     requeue: list[float] = field(default_factory=list)
@@ -123,7 +138,9 @@ class _Draft:
         return Plan(
             status=self.status,
             create=tuple(self.create),
+            tensorboard_create=tuple(self.board_create),
             delete_pods=tuple(dict.fromkeys(self.delete)),
+            delete_services=tuple(dict.fromkeys(self.delete_services)),
             force_delete_pods=tuple(dict.fromkeys(self.force)),
             delete_job=self.delete_job,
             events=tuple(self.events),
@@ -141,9 +158,30 @@ def backoff_seconds(failures: int, settings: Settings) -> float:
 
 
 def plan(obs: Observed, settings: Settings) -> Plan:
-    """Decide the next status and actions for one FineTuneJob."""
-    job, now = obs.job, obs.now
+    """Decide the next status and actions for one FineTuneJob: its trainer pods, then its TensorBoard."""
     d = _Draft(status=copy.deepcopy(dict(obs.status)))
+    _plan_training(obs, settings, d)
+    if tensorboard.involved(obs.job, d.status):
+        inputs = tensorboard.Inputs(
+            job=obs.job,
+            pods=obs.pods,
+            server=obs.tensorboard_server,
+            claim_modes=obs.claim_modes,
+            now=obs.now,
+            start_timeout=settings.start_timeout_seconds,
+            started_attempt=d.started,
+            error=obs.tensorboard_error,
+        )
+        board = tensorboard.plan(inputs, d.status)
+        d.board_create += board.create
+        d.delete += board.delete_pods
+        d.delete_services += board.delete_services
+        d.requeue += board.requeue
+    return d.finish()
+
+
+def _plan_training(obs: Observed, settings: Settings, d: _Draft) -> None:
+    job, now = obs.job, obs.now
     st = d.status
     gen = job.ref.generation
     st["observedGeneration"] = gen
@@ -162,31 +200,30 @@ def plan(obs: Observed, settings: Settings) -> Plan:
     if st.get("phase") in FINISHED:
         _tear_down_live(obs, ends, d, attempt_below=None)
         _ttl(obs, d)
-        return d.finish()
+        return
 
     if "attempt" not in st:
         st["attempt"] = 1
         st["nextAttemptTime"] = fmt_time(now)
 
     if _deadline_passed(obs, d):
-        return d.finish()
+        return
 
     attempt = int(st["attempt"])
     _tear_down_live(obs, ends, d, attempt_below=attempt)
 
     if job.spec.run_policy.suspend:
         _suspend(obs, ends, d)
-        return d.finish()
+        return
     if st.get("phase") == "Suspended":
         _mark(d, obs, "Pending", "Resumed", f"resuming: attempt {attempt} will continue from the checkpoint")
 
     if st.get("nextAttemptTime"):
         _start_attempt(obs, ends, d, settings)
-        return d.finish()
+        return
 
     current = _current_pods(obs, attempt)
     _judge_attempt(obs, current, ends, d, settings)
-    return d.finish()
 
 
 def _mark(d: _Draft, obs: Observed, phase: str, reason: str, message: str) -> None:
@@ -324,7 +361,8 @@ def _start_attempt(
     ):
         if child is not None:
             d.create.append(child)
-    d.create.extend(builders.attempt_pods(job, attempt))
+    sidecar = tensorboard.sidecar_wanted(job, obs.claim_modes)
+    d.create.extend(builders.attempt_pods(job, attempt, tensorboard_sidecar=sidecar))
     d.started = attempt
     ckpt = (st.get("checkpoint") or {}).get("step")
     resume = f"resuming from checkpoint step {ckpt}" if ckpt is not None else "starting from scratch"

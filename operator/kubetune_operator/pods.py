@@ -15,6 +15,7 @@ from kubetune_operator.status import parse_time
 
 IMAGE_PULL_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
 CONFIG_WAIT_REASONS = ("CreateContainerConfigError", "CreateContainerError")
+_START_REASONS = IMAGE_PULL_REASONS + CONFIG_WAIT_REASONS
 
 
 class Outcome(StrEnum):
@@ -90,6 +91,8 @@ class PodView:
     created: datetime | None = None
     pod_ip: str | None = None
     node_name: str | None = None
+    tensorboard: bool = False  # rank 0 with the TensorBoard sidecar (labelled as the job's server)
+    tensorboard_ready: bool = False  # that sidecar passes its readiness probe
 
 
 def pod_view(pod: Mapping[str, Any], gone: bool = False) -> PodView:
@@ -116,6 +119,16 @@ def pod_view(pod: Mapping[str, Any], gone: bool = False) -> PodView:
         elif state.get("waiting"):
             waiting = state["waiting"].get("reason")
             waiting_message = str(state["waiting"].get("message") or "")
+    # Only the trainer container says how the pod ended; a sidecar's exits and restarts never count.
+    # But while a sidecar cannot start (its image cannot be pulled: it is the trainer's image), the
+    # trainer waits in PodInitializing: report the sidecar's reason, so the start timeout still applies.
+    sidecar_ready = False
+    for cs in status.get("initContainerStatuses") or []:
+        if cs.get("name") == builders.TENSORBOARD_CONTAINER:
+            sidecar_ready = bool(cs.get("ready"))
+        stuck = ((cs.get("state") or {}).get("waiting")) or {}
+        if waiting in (None, "PodInitializing") and stuck.get("reason") in _START_REASONS:
+            waiting, waiting_message = stuck["reason"], str(stuck.get("message") or "")
     return PodView(
         name=meta.get("name", ""),
         attempt=_int_label(labels, builders.LABEL_ATTEMPT),
@@ -133,6 +146,8 @@ def pod_view(pod: Mapping[str, Any], gone: bool = False) -> PodView:
         created=parse_time(meta.get("creationTimestamp")),
         pod_ip=status.get("podIP"),
         node_name=(pod.get("spec") or {}).get("nodeName"),
+        tensorboard=labels.get(builders.LABEL_TENSORBOARD) == "true",
+        tensorboard_ready=sidecar_ready,
     )
 
 

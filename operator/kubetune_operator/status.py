@@ -33,11 +33,13 @@ def parse_time(value: Any) -> datetime | None:
 def set_phase(
     status: dict[str, Any], phase: str, reason: str, message: str, now: datetime, generation: int
 ) -> None:
-    """Set phase, message and the matching condition True (others False), keeping transition times stable."""
+    """Set phase, message and the matching condition True (others False), keeping transition times stable.
+    Conditions of other types (TensorBoardReady) are kept as they are."""
     assert phase in PHASES, phase
     status["phase"] = phase
     status["message"] = message
     old = {c.get("type"): c for c in status.get("conditions") or []}
+    others = [c for c in status.get("conditions") or [] if c.get("type") not in CONDITION_TYPES]
     conditions = []
     for ctype in CONDITION_TYPES:
         value = "True" if ctype == phase else "False"
@@ -57,7 +59,36 @@ def set_phase(
             if value == "False":
                 cond["reason"], cond["message"] = prev.get("reason", ""), prev.get("message", "")
         conditions.append(cond)
-    status["conditions"] = conditions
+    status["conditions"] = conditions + others
+
+
+def get_condition(status: Mapping[str, Any], ctype: str) -> dict[str, Any] | None:
+    return next((c for c in status.get("conditions") or [] if c.get("type") == ctype), None)
+
+
+def set_condition(
+    status: dict[str, Any], ctype: str, value: bool, reason: str, message: str, now: datetime, generation: int
+) -> None:
+    """Set one condition that is not a phase. Its lastTransitionTime moves when its status or its reason
+    changes (a retry timer counts from when a reason was entered)."""
+    prev = get_condition(status, ctype)
+    cond = {
+        "type": ctype,
+        "status": "True" if value else "False",
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": fmt_time(now),
+        "observedGeneration": generation,
+    }
+    if prev is not None and (prev.get("status"), prev.get("reason")) == (cond["status"], reason):
+        cond["lastTransitionTime"] = prev.get("lastTransitionTime", cond["lastTransitionTime"])
+    conditions = [cond if c.get("type") == ctype else c for c in status.get("conditions") or []]
+    status["conditions"] = conditions if prev is not None else [*conditions, cond]
+
+
+def drop_condition(status: dict[str, Any], ctype: str) -> None:
+    if get_condition(status, ctype) is not None:
+        status["conditions"] = [c for c in status["conditions"] if c.get("type") != ctype]
 
 
 def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any] | None:

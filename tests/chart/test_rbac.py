@@ -43,7 +43,7 @@ NAMESPACED = {
     ("pods", ""): {"get", "list", "watch", "create", "delete"},
     ("persistentvolumeclaims", ""): {"get", "create"},
     ("configmaps", ""): {"create"},
-    ("services", ""): {"create"},
+    ("services", ""): {"create", "delete"},
     ("events", ""): {"create"},
 }
 CLUSTER = {
@@ -201,7 +201,8 @@ def scenario(kube: Any, api_client: Any, core_v1: Any, ns: str, lease: str, node
         "nodeSelector": {"kubernetes.io/hostname": node},
         "tolerations": [dedicated_toleration(node)],
     }
-    apply(kube, ns, job_manifest("ft", runPolicy={"backoffLimit": 0}, **placement))
+    board = {"serve": True}  # the TensorBoard Service and pods: services create/delete
+    apply(kube, ns, job_manifest("ft", runPolicy={"backoffLimit": 0}, tensorboard=board, **placement))
     pod = running("ft-a1-0")  # created by the operator: pods create, configmaps create, pvc get/create
     assert pod.metadata.owner_references[0].kind == "FineTuneJob"
     status(lambda s: s.get("phase") == "Running", "Running")  # finetunejobs/status patch
@@ -212,6 +213,16 @@ def scenario(kube: Any, api_client: Any, core_v1: Any, ns: str, lease: str, node
     status(lambda s: s.get("phase") == "Running" and s.get("attempt", 2) == 2, "Running again")
     patch_pod_terminated(core_v1, ns, "ft-a2-0", 0, "Completed", message=report("Completed", 100, 100))
     status(lambda s: s.get("phase") == "Succeeded", "Succeeded")
+    running("ft-tensorboard")  # the standalone TensorBoard pod, once the trainer pod stopped
+    kube.kubectl(
+        "patch", "ftj", "ft", "-n", ns, "--type=merge", "-p", '{"spec":{"tensorboard":{"serve":false}}}'
+    )
+
+    def board_removed() -> Any:
+        names = [s.metadata.name for s in core_v1.list_namespaced_service(ns).items]
+        return "ft-tensorboard" not in names or NotYet(names)
+
+    wait_for(board_removed, timeout=60, desc="the TensorBoard Service deleted (services delete)")
     reasons = {
         e.reason for e in core_v1.list_namespaced_event(ns, field_selector="involvedObject.name=ft").items
     }

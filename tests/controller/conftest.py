@@ -3,13 +3,14 @@ operator itself run as real processes (`python -m kubetune_operator`) against th
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kubeutil import wait_for
+from kubeutil import NotYet, wait_for
 from opkit import CRD_DIR, OperatorProcess
 
 
@@ -49,3 +50,56 @@ def start_operator(
 @pytest.fixture
 def operator(start_operator: Callable[..., OperatorProcess]) -> OperatorProcess:
     return start_operator()
+
+
+@pytest.fixture
+def claim_with_volume(core_v1: Any) -> Iterator[Callable[..., str]]:
+    """Factory: a PersistentVolumeClaim `claim` in `namespace` bound to its own PersistentVolume (pre-bound
+    by claimRef, so any access mode binds whatever the cluster's provisioner supports), optionally pinned
+    to `node` by node affinity as a zonal or local disk is. Nothing is mounted on kwok nodes. The volumes
+    are deleted at the end."""
+    made: list[str] = []
+
+    def make(namespace: str, claim: str, modes: list[str], node: str | None = None) -> str:
+        name = f"kubetune-test-{secrets.token_hex(4)}"
+        spec: dict[str, Any] = {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": modes,
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": "",
+            "hostPath": {"path": f"/tmp/kubetune-test/{name}", "type": "DirectoryOrCreate"},
+            "claimRef": {"namespace": namespace, "name": claim},
+        }
+        if node:
+            term = {
+                "matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]
+            }
+            spec["nodeAffinity"] = {"required": {"nodeSelectorTerms": [term]}}
+        core_v1.create_persistent_volume(
+            {"metadata": {"name": name, "labels": {"kubetune.io/test": "true"}}, "spec": spec}
+        )
+        made.append(name)
+        core_v1.create_namespaced_persistent_volume_claim(
+            namespace,
+            {
+                "metadata": {"name": claim},
+                "spec": {
+                    "accessModes": modes,
+                    "storageClassName": "",
+                    "volumeName": name,
+                    "resources": {"requests": {"storage": "1Gi"}},
+                },
+            },
+        )
+
+        # Bound before pods use it: a pod created earlier waits for the scheduler's next retry.
+        def bound() -> Any:
+            phase = core_v1.read_namespaced_persistent_volume_claim(claim, namespace).status.phase
+            return phase == "Bound" or NotYet(phase)
+
+        wait_for(bound, timeout=30, desc=f"claim {namespace}/{claim} Bound")
+        return claim
+
+    yield make
+    for name in made:
+        core_v1.delete_persistent_volume(name)

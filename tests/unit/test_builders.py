@@ -151,3 +151,130 @@ def test_bad_specs_name_the_field(overrides, field):
         job(**overrides)
     assert err.value.field_path == field
     assert str(err.value).startswith(field)
+
+
+# -- TensorBoard -----------------------------------------------------------------------------------------
+RESTRICTED_CONTAINER = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+TB_ARGS = ["--logdir", "/checkpoints/tensorboard", "--bind_all", "--port", "6006"]
+
+
+def served(**spec):
+    return job(tensorboard={"serve": True}, **spec)
+
+
+def test_tensorboard_service_selects_whichever_pod_serves():
+    svc = builders.tensorboard_service(served())
+    meta, spec = svc["metadata"], svc["spec"]
+    assert meta["name"] == "demo-tensorboard" and meta["namespace"] == "ml"
+    assert meta["ownerReferences"][0]["uid"] == "1234-abcd"
+    assert spec["type"] == "ClusterIP"
+    assert spec["selector"] == {builders.LABEL_JOB: "demo", builders.LABEL_TENSORBOARD: "true"}
+    assert spec["ports"] == [{"name": "http", "port": 6006, "targetPort": 6006, "protocol": "TCP"}]
+    long = builders.tensorboard_name("x" * 80)
+    assert len(long) <= 63 and long.endswith("-tensorboard")
+
+
+def test_standalone_tensorboard_pod_mounts_the_claim_read_only():
+    pod = builders.tensorboard_pod(
+        served(
+            checkpoint={"existingClaim": "shared"},
+            tolerations=[{"key": "spot", "operator": "Exists", "effect": "NoSchedule"}],
+            nodeSelector={"pool": "gpu"},
+            serviceAccountName="puller",
+            podTemplate={"labels": {"team": "a", builders.LABEL_TENSORBOARD: "false"}},
+        )
+    )
+    meta, spec = pod["metadata"], pod["spec"]
+    assert meta["name"] == "demo-tensorboard"
+    assert meta["labels"][builders.LABEL_TENSORBOARD] == "true" and meta["labels"]["team"] == "a"
+    assert meta["labels"][builders.LABEL_COMPONENT] == "tensorboard"
+    assert meta["ownerReferences"][0]["kind"] == "FineTuneJob"
+    svc = builders.tensorboard_service(served())
+    assert svc["spec"]["selector"].items() <= meta["labels"].items()
+    assert spec["restartPolicy"] == "Always" and spec["automountServiceAccountToken"] is False
+    assert spec["serviceAccountName"] == "puller"  # it may hold the trainer image's pull secret
+    # Needs no GPU: never placed (or kept) on the trainers' spot GPU nodes.
+    assert not {"tolerations", "nodeSelector", "affinity", "priorityClassName"} & set(spec)
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert vols["checkpoints"]["persistentVolumeClaim"] == {"claimName": "shared", "readOnly": True}
+    assert vols["tmp"] == {"name": "tmp", "emptyDir": {}}
+    (c,) = spec["containers"]
+    assert c["name"] == "tensorboard" and c["image"] == "kubetune/trainer:0.1.0"
+    assert c["command"] == ["tini", "--", "tensorboard", *TB_ARGS]  # not the trainer entrypoint
+    assert "restartPolicy" not in c
+    assert c["ports"] == [{"name": "tensorboard", "containerPort": 6006, "protocol": "TCP"}]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/", "port": 6006}
+    assert c["resources"]["requests"] == {"cpu": "100m", "memory": "256Mi"}
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["checkpoints"] == {"name": "checkpoints", "mountPath": "/checkpoints", "readOnly": True}
+    assert mounts["tmp"]["mountPath"] == "/tmp"
+    own = builders.tensorboard_pod(served(workers=2))
+    claim = {v["name"]: v for v in own["spec"]["volumes"]}["checkpoints"]["persistentVolumeClaim"]
+    assert claim == {"claimName": "demo-ckpt", "readOnly": True}
+
+
+def test_rank0_trainer_pod_gets_the_tensorboard_sidecar():
+    j = served(workers=2, resources={"gpus": 1})
+    rank0, rank1 = builders.attempt_pods(j, 3, tensorboard_sidecar=True)
+    assert rank0["metadata"]["labels"][builders.LABEL_TENSORBOARD] == "true"
+    assert builders.LABEL_TENSORBOARD not in rank1["metadata"]["labels"]
+    assert "initContainers" not in rank1["spec"]
+    (side,) = rank0["spec"]["initContainers"]
+    assert side["name"] == "tensorboard" and side["restartPolicy"] == "Always"  # a native sidecar
+    assert rank0["spec"]["restartPolicy"] == "Never"  # the pod still completes when the trainer exits
+    assert side["command"][:3] == ["tini", "-g", "--"] and side["command"][-len(TB_ARGS) :] == TB_ARGS
+    mounts = {m["name"]: m for m in side["volumeMounts"]}
+    assert mounts["checkpoints"]["readOnly"] is True and mounts["tmp"]["mountPath"] == "/tmp"
+    assert "nvidia.com/gpu" not in str(side["resources"])
+    (trainer,) = rank0["spec"]["containers"]
+    assert trainer["name"] == "trainer" and trainer["command"] == ["tini", "--", "torchrun"]
+    assert builders.trainer_pod(j, 1, 0) == builders.trainer_pod(job(workers=2, resources={"gpus": 1}), 1, 0)
+    # The rendezvous Service selects trainer pods only, never a TensorBoard server.
+    svc = builders.headless_service(j)
+    assert svc is not None and svc["spec"]["selector"][builders.LABEL_COMPONENT] == "trainer"
+
+
+def test_sidecar_retries_instead_of_exiting():
+    """The kubelet starts the trainer only once the sidecar runs: a tensorboard that exits at once (not in
+    the image) must not block training, so the sidecar's shell loops and only SIGTERM ends it."""
+    side = builders.trainer_pod(served(), 1, 0, tensorboard_sidecar=True)["spec"]["initContainers"][0]
+    assert side["command"][3:5] == ["sh", "-c"] and "while :" in side["command"][5]
+    assert side["command"][6:] == ["tensorboard", *TB_ARGS]  # $0 and "$@" of the loop
+
+
+@pytest.mark.parametrize("kind", ["trainer", "sidecar", "standalone"])
+def test_every_container_meets_restricted_pod_security(kind):
+    j = served(data={"claimName": "digits"})
+    if kind == "standalone":
+        pod = builders.tensorboard_pod(j)
+    else:
+        pod = builders.trainer_pod(j, 1, 0, tensorboard_sidecar=kind == "sidecar")
+    spec = pod["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == 65532
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert spec["automountServiceAccountToken"] is False
+    containers = spec["containers"] + spec.get("initContainers", [])
+    assert len(containers) == (2 if kind == "sidecar" else 1)
+    for c in containers:
+        assert c["securityContext"] == RESTRICTED_CONTAINER, c["name"]
+    vols = {v["name"] for v in spec["volumes"]}
+    for c in containers:  # a read-only root filesystem: every writable path is a volume
+        assert {m["name"] for m in c["volumeMounts"]} <= vols
+        assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])
+    assert all("hostPath" not in v for v in spec["volumes"])
+
+
+def test_tensorboard_spec_parsed_and_serve_kept_from_the_trainer():
+    assert job().spec.tensorboard.serve is False and job().spec.tensorboard.enabled is True
+    j = job(tensorboard={"enabled": False, "serve": True})
+    assert (j.spec.tensorboard.enabled, j.spec.tensorboard.serve) == (False, True)
+    doc = yaml.safe_load(builders.trainer_configmap(j)["data"]["job.yaml"])
+    assert doc["spec"]["tensorboard"] == {"enabled": False}
+    assert "initContainers" not in builders.trainer_pod(j, 1, 0)["spec"]
