@@ -1,5 +1,6 @@
-"""Throughput of the kubetune trainer (checkpoint every 50 steps, /metrics served, W&B offline) over a bare
-PyTorch loop of the same model, data and batch size, measured alternately (step by step) in one process.
+"""Throughput of the kubetune trainer (checkpoint every 50 steps, /metrics served, W&B offline, TensorBoard
+event files, the console progress) over a bare PyTorch loop of the same model, data and batch size,
+measured alternately (step by step) in one process.
 
 Key `ratio` = kubetune steps/s / bare steps/s (target >= 0.97). Steady state only: the first WARMUP steps are
 excluded; checkpoint stalls inside the window are included. Caveat: the background checkpoint write may
@@ -39,6 +40,7 @@ def _spec(steps: int) -> dict[str, Any]:
         "checkpoint": {"everySteps": EVERY},
         "wandb": {"mode": "offline", "project": "kubetune-bench"},
         "metrics": {"port": _free_port()},
+        "tensorboard": {"enabled": True},  # to <workdir>/tensorboard/, histograms and images at the eval
     }
 
 

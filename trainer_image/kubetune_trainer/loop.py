@@ -27,7 +27,7 @@ from kubetune_trainer import telemetry
 from kubetune_trainer.checkpoint import Checkpointer
 from kubetune_trainer.components import build_components, build_sampler, resolve_precision
 from kubetune_trainer.config import JobConfig
-from kubetune_trainer.evaluate import evaluate
+from kubetune_trainer.evaluate import Misclassified, evaluate
 from kubetune_trainer.export import export_final
 from kubetune_trainer.ledger import ResumeLedger
 from kubetune_trainer.outcome import Outcome
@@ -102,7 +102,7 @@ class Trainer:
                 self.step_in_epoch,
             )
         self.checkpoint_path, self.checkpoint_step = self.ledger.checkpoint_path, self.ledger.checkpoint_step
-        self.telemetry = telemetry.build(cfg, self.rt.rank, self.log_every_seconds)
+        self.telemetry = telemetry.build(cfg, self.rt.rank, self.log_every_seconds, checkpoint_dir=self.root)
         if not self.ledger.finished:
             self._write_progress()
 
@@ -169,6 +169,10 @@ class Trainer:
         step by step); sets self.outcome when it ends."""
         info = self.ledger.run_info(
             self.total_steps, self.step, self.cfg.to_spec(), self.step * self._global_batch()
+        )
+        d = self.data
+        self.telemetry.watch(
+            telemetry.ModelView(model_mod.unwrap(self.model), d.image_size, d.eval_cfg, d.classes)
         )
         self.telemetry.start(info)
         model_mod.set_train_mode(self.model, self.frozen)
@@ -240,20 +244,19 @@ class Trainer:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _train_step(self) -> None:
-        loss, lr = self.stepper.run(self._next_batch, self.step + 1)
+        stats = self.stepper.run(self._next_batch, self.step + 1)
         self.step += 1
         self.step_in_epoch += 1
-        self._after_step(loss, lr)
+        self._after_step(stats)
 
-    def _after_step(self, loss: float, lr: float) -> None:
+    def _after_step(self, stats: dict[str, float]) -> None:
         now = time.perf_counter()
         dt, self._last_time = now - self._last_time, now
-        self.metrics.update(loss=loss, learning_rate=lr)
+        self.metrics.update(loss=stats["loss"], learning_rate=stats["learning_rate"])
         self.telemetry.log_step(
             self.step,
             {
-                "loss": loss,
-                "learning_rate": lr,
+                **stats,
                 "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch,
                 "samples": float(self._global_batch()),
                 "samples_per_second": self._global_batch() / max(dt, 1e-9),
@@ -273,6 +276,7 @@ class Trainer:
             self._save(sync=False)
 
     def _save(self, sync: bool) -> None:
+        self.telemetry.flush()  # what was logged up to this step is on disk before its checkpoint is
         if self.rt.distributed:
             dist.barrier()
         if sync:
@@ -315,6 +319,7 @@ class Trainer:
         if self.data.val is None or self.eval_step == self.step:
             return
         t = self.cfg
+        wrong = Misclassified(self.telemetry.eval_samples_wanted)
         result = evaluate(
             self._eval_model(),
             self.data.val,
@@ -322,7 +327,10 @@ class Trainer:
             t.training.batchSize,
             t.data.numWorkers,
             self._autocast,
+            misclassified=wrong,
         )
+        # The best so far travels in the checkpoint (self.metrics), so it spans attempts.
+        result["eval_best_top1"] = max(result["eval_top1"], self.metrics.get("eval_best_top1", 0.0))
         bad = int(self._max_over_ranks(data_mod.bad_count(self.data.val)))
         if bad:
             self._report_bad(self.data.val, bad, "val")
@@ -335,6 +343,7 @@ class Trainer:
             {k: round(v, 4) for k, v in result.items()},
         )
         self.telemetry.log_eval(self.step, result)
+        self.telemetry.log_eval_samples(self.step, wrong)
         model_mod.set_train_mode(self.model, self.frozen)
 
     # -- endings -------------------------------------------------------------------------------------

@@ -31,8 +31,10 @@ class StepRunner:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def run(self, next_batch: Callable[[], Batch], step: int) -> tuple[float, float]:
-        """Train step `step` (1-based: the step count after it); returns (loss, learning rate used)."""
+    def run(self, next_batch: Callable[[], Batch], step: int) -> dict[str, float]:
+        """Train step `step` (1-based: the step count after it); returns its `loss`, the `learning_rate`
+        used (group 0's; `learning_rate/group<i>` too when there are several groups) and, with
+        training.gradClip, `grad_norm` (the total norm before clipping)."""
         t, p = self.t, self.parts
         p.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
@@ -46,13 +48,20 @@ class StepRunner:
                     loss = p.criterion(self.model(x), y) / t.gradAccumulation
                 p.scaler.scale(loss).backward()
             loss_sum += loss.detach()
+        norm = None
         if t.gradClip:
             p.scaler.unscale_(p.optimizer)
-            nn.utils.clip_grad_norm_(self.trainable, t.gradClip)
-        lr = p.optimizer.param_groups[0]["lr"]
+            norm = nn.utils.clip_grad_norm_(self.trainable, t.gradClip)
+        groups = p.optimizer.param_groups
+        out = {"learning_rate": float(groups[0]["lr"])}
+        if len(groups) > 1:
+            out.update({f"learning_rate/group{i}": float(g["lr"]) for i, g in enumerate(groups)})
         p.scaler.step(p.optimizer)
         p.scaler.update()
         p.scheduler.step()
         if p.ema is not None:
             p.ema.update(model_mod.unwrap(self.model), step=step)  # type: ignore[operator]
-        return float(loss_sum.item()), lr
+        out["loss"] = float(loss_sum.item())
+        if norm is not None:  # after loss.item(): that sync already waited for the norm
+            out["grad_norm"] = float(norm)
+        return out
