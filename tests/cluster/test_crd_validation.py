@@ -465,7 +465,8 @@ def test_explain_teaches_the_api(crd: Any) -> None:
         return result.stdout
 
     out = wait_for(explained, timeout=60, interval=1, desc="kubectl explain to know FineTuneJob")
-    assert "Samples per micro-batch per training process. Range: 1 to 65,536. Default: 32." in out
+    text = " ".join(out.split())  # kubectl explain wraps descriptions at 80 columns
+    assert "Samples per micro-batch per training process. Range: 1 to 65,536. Default: 32." in text
     training = crd.kubectl("explain", "ftj.spec.training").stdout
     for field in ("epochs", "maxSteps", "learningRate", "precision", "Set epochs or maxSteps, not both"):
         assert field in training
