@@ -14,7 +14,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune_trainer.fields import EXTEND, OBSERVE, RUN, FieldSpec, default_of, field_spec, spec_field
+from kubetune_trainer.fields import (
+    EXTEND,
+    OBSERVE,
+    RUN,
+    FieldSpec,
+    default_of,
+    field_spec,
+    plain,
+    spec_field,
+    walk,
+)
 
 API_VERSION = "kubetune.io/v1alpha1"
 KIND = "FineTuneJob"
@@ -77,6 +87,68 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """data.augment: timm's training transform (create_transform(is_training=True)), in camelCase."""
+
+    scale: tuple[float, ...] = spec_field(
+        (0.08, 1.0),
+        "[min, max] share of the image area the random resized crop keeps.",
+        RUN,
+        gt=0,
+        le=1,
+        items=2,
+    )
+    ratio: tuple[float, ...] = spec_field(
+        (0.75, 1.3333333333333333),
+        "[min, max] aspect ratio of the random resized crop.",
+        RUN,
+        gt=0,
+        le=10,
+        items=2,
+    )
+    hflip: float = spec_field(
+        0.5,
+        "Probability of a horizontal flip; set 0 where left and right differ (digits, text, signs).",
+        RUN,
+        ge=0,
+        le=1,
+    )
+    vflip: float = spec_field(0.0, "Probability of a vertical flip.", RUN, ge=0, le=1)
+    colorJitter: float = spec_field(
+        0.4,
+        "Brightness, contrast and saturation jitter strength (timm applies it only without autoAugment).",
+        RUN,
+        ge=0,
+        le=1,
+    )
+    autoAugment: str | None = spec_field(
+        None,
+        "timm's auto-augment policy string, e.g. rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2, "
+        "original or v0 (AutoAugment). Unset: none.",
+        RUN,
+        maxLength=128,
+        pattern=r"^(rand|augmix|original|originalr|v0|v0r|3a)(-[A-Za-z0-9.]+)*$",
+    )
+    reprob: float = spec_field(0.0, "Random erasing probability (after normalisation).", RUN, ge=0, le=1)
+    remode: str = spec_field(
+        "pixel",
+        "Random erasing fill: const (zeros), rand (one random colour per erased box), pixel (noise).",
+        RUN,
+        choices=("const", "rand", "pixel"),
+    )
+    recount: int = spec_field(
+        1, "Random erasing boxes per image.", RUN, ge=1, le=16, format="int32"
+    )
+    interpolation: str | None = spec_field(
+        None,
+        "Resize interpolation of the random crop; random picks bilinear or bicubic per sample. Unset: "
+        "the model's own (as evaluation uses).",
+        RUN,
+        choices=("bilinear", "bicubic", "nearest", "random"),
+    )
+
+
+@dataclass(frozen=True)
 class DataConfig:
     format: str = spec_field(
         "imagefolder",
@@ -128,6 +200,73 @@ class DataConfig:
         ge=0,
         le=1,
     )
+    augment: AugmentConfig | None = spec_field(
+        None,
+        "Random training augmentation with timm's create_transform(is_training=True) names. Exact: each "
+        "sample's random transform is seeded from (training.seed, epoch, sample index), so a resumed run, "
+        "any numWorkers and another machine give the same tensors. Unset: none (the eval transform). "
+        "Needs data.format imagefolder.",
+        RUN,
+        nested=AugmentConfig,
+    )
+    sampling: str = spec_field(
+        "uniform",
+        "uniform: every sample once per epoch; balanced: samples drawn with weights 1/(its class's count), "
+        "seeded and resumable per rank, so every class is seen about equally often.",
+        RUN,
+        choices=("uniform", "balanced"),
+    )
+
+
+@dataclass(frozen=True)
+class MixupConfig:
+    """training.mixup: timm's Mixup (and SoftTargetCrossEntropy), seeded from (seed, step, rank)."""
+
+    mixupAlpha: float = spec_field(0.8, "Mixup beta-distribution alpha; 0 disables mixup.", RUN, ge=0, le=100)
+    cutmixAlpha: float = spec_field(1.0, "CutMix alpha; 0 disables cutmix.", RUN, ge=0, le=100)
+    cutmixMinmax: tuple[float, ...] | None = spec_field(
+        None,
+        "[min, max] share of the image a CutMix box takes (overrides cutmixAlpha). Unset: from the alpha.",
+        RUN,
+        gt=0,
+        lt=1,
+        items=2,
+    )
+    prob: float = spec_field(1.0, "Probability of applying mixup or cutmix to a batch.", RUN, ge=0, le=1)
+    switchProb: float = spec_field(
+        0.5, "Probability of cutmix instead of mixup when both are on.", RUN, ge=0, le=1
+    )
+    mode: str = spec_field(
+        "batch",
+        "batch: one draw per batch; pair: per pair of samples; elem: per sample.",
+        RUN,
+        choices=("batch", "pair", "elem"),
+    )
+    offEpoch: int = spec_field(
+        0, "Turn mixup/cutmix off from this epoch on; 0: never.", RUN, ge=0, le=100000, format="int32"
+    )
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """training.earlyStopping: end the run when the evaluated metric stops improving."""
+
+    metric: str = spec_field(
+        "top1", "Evaluation metric watched: top1 and top5 are maximised, loss minimised.", RUN,
+        choices=("top1", "top5", "loss"),
+    )
+    patience: int = spec_field(
+        5,
+        "Evaluations without an improvement of more than minDelta before the job ends (Succeeded, "
+        "reason EarlyStopped).",
+        RUN,
+        ge=1,
+        le=10000,
+        format="int32",
+    )
+    minDelta: float = spec_field(
+        0.0, "Smallest change of the metric that counts as an improvement.", RUN, ge=0, le=1000
+    )
 
 
 @dataclass(frozen=True)
@@ -156,15 +295,51 @@ class TrainingConfig:
         0.05, "Decoupled weight decay (adamw) or L2 penalty (sgd).", RUN, ge=0, le=1
     )
     optimizer: str = spec_field(
-        "adamw", "adamw, or sgd (momentum 0.9, nesterov).", RUN, choices=("adamw", "sgd")
+        "adamw",
+        "Any optimizer name timm.optim.create_optimizer_v2 knows: adamw, sgd (nesterov, with momentum), "
+        "momentum, lamb, lion, adan, adabelief, ... An unknown name exits 2 listing the close ones. "
+        "Weight decay skips norm and bias parameters, as timm does.",
+        RUN,
+        maxLength=64,
+        pattern=r"^[a-z0-9_]+$",
+    )
+    momentum: float = spec_field(0.9, "Momentum of sgd, momentum and the other SGD-like optimizers.", RUN, ge=0, lt=1)
+    betas: tuple[float, ...] | None = spec_field(
+        None, "[beta1, beta2] of Adam-like optimizers. Unset: the optimizer's default.", RUN, ge=0, lt=1, items=2
+    )
+    eps: float | None = spec_field(
+        None, "Optimizer epsilon. Unset: the optimizer's default.", RUN, gt=0, le=1
+    )
+    layerDecay: float | None = spec_field(
+        None,
+        "Layer-wise learning-rate decay (timm's param groups): each layer below the head trains at this "
+        "factor of the one above, e.g. 0.75 for ViT fine-tuning. Unset: one learning rate.",
+        RUN,
+        gt=0,
+        le=1,
     )
     scheduler: str = spec_field(
         "cosine",
-        "Learning-rate schedule after warmup: cosine (to 0), step (x0.1 at 50% and 75%) or constant.",
+        "timm scheduler (create_scheduler_v2), stepped per optimizer update: cosine (to "
+        "minLearningRate), step (x0.1 at 50% and 75% of training), multistep (the same), poly, tanh, "
+        "plateau (x0.1 after 10 evaluations without improvement of eval loss) or constant.",
         RUN,
-        choices=("cosine", "step", "constant"),
+        choices=("cosine", "step", "multistep", "poly", "tanh", "plateau", "constant"),
     )
-    warmupSteps: int = spec_field(0, "Linear warmup steps from 0 to learningRate.", RUN, ge=0, le=BIG)
+    minLearningRate: float = spec_field(
+        0.0, "Learning rate the cosine, poly and tanh schedules end at, and plateau's floor.", RUN, ge=0, le=10
+    )
+    warmupLearningRate: float = spec_field(
+        0.0, "Learning rate the linear warmup starts from.", RUN, ge=0, le=10
+    )
+    warmupSteps: int = spec_field(0, "Linear warmup steps from warmupLearningRate to learningRate.", RUN, ge=0, le=BIG)
+    warmupEpochs: float = spec_field(
+        0.0,
+        "Warmup length in epochs (converted to steps); mutually exclusive with warmupSteps.",
+        RUN,
+        ge=0,
+        le=100000,
+    )
     gradAccumulation: int = spec_field(
         1, "Micro-batches accumulated per optimizer step.", RUN, gt=0, le=1024, format="int32"
     )
@@ -196,6 +371,55 @@ class TrainingConfig:
         "Keep an exponential moving average of the weights (timm ModelEmaV3); evaluation and export use it.",
         RUN,
     )
+    emaDecay: float = spec_field(0.9998, "Decay of the weights' moving average (training.ema).", RUN, gt=0, lt=1)
+    channelsLast: bool = spec_field(
+        False, "Train in channels_last memory format (faster convolutions on recent GPUs).", RUN
+    )
+    compile: str | None = spec_field(
+        None,
+        "torch.compile the model with this mode; checkpoints and the export stay loadable without "
+        "compile. Unset: eager.",
+        RUN,
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    )
+    mixup: MixupConfig | None = spec_field(
+        None,
+        "Mixup/CutMix with timm's Mixup and SoftTargetCrossEntropy (labelSmoothing folded into the soft "
+        "targets); its randomness is seeded from (seed, step, rank), so resume stays exact. Unset: off.",
+        RUN,
+        nested=MixupConfig,
+    )
+    earlyStopping: EarlyStoppingConfig | None = spec_field(
+        None,
+        "End the job (Succeeded, reason EarlyStopped) when the evaluated metric stopped improving. Unset: "
+        "train to the end.",
+        RUN,
+        nested=EarlyStoppingConfig,
+    )
+
+
+@dataclass(frozen=True)
+class BestConfig:
+    """checkpoint.best: which evaluated model to keep in best/."""
+
+    metric: str = spec_field(
+        "top1", "Evaluation metric that ranks the models.", RUN, choices=("top1", "top5", "loss")
+    )
+    mode: str | None = spec_field(
+        None, "max or min. Unset: min for loss, max otherwise.", RUN, choices=("max", "min")
+    )
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    everySteps: int = spec_field(
+        0,
+        "Also evaluate every this many optimizer steps (besides each epoch's end and the final step); "
+        "0: at epoch ends only. Each report is eval/step-N.json on the checkpoint volume.",
+        RUN,
+        ge=0,
+        le=BIG,
+    )
 
 
 @dataclass(frozen=True)
@@ -219,6 +443,13 @@ class CheckpointConfig:
         le=100,
         why="a fallback for a torn newest one",
         format="int32",
+    )
+    best: BestConfig | None = spec_field(
+        None,
+        "Keep the best evaluated model in best/ beside final/, exported the same loadable way and never "
+        "deleted by keepLast; the status shows its metric and step. Unset: final/ only.",
+        RUN,
+        nested=BestConfig,
     )
 
 
@@ -274,17 +505,11 @@ class JobConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def to_spec(self) -> dict[str, Any]:
         """The spec as plain data (camelCase), as stored in checkpoints and logged to W&B."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            if f.name != "name":
-                out[f.name] = {
-                    k: list(v) if isinstance(v, tuple) else v
-                    for k, v in _asdict(getattr(self, f.name)).items()
-                }
-        return out
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "name"}
 
     @property
     def total_epochs_or_steps(self) -> tuple[int | None, int | None]:
@@ -299,10 +524,6 @@ class JobConfig:
         return self
 
 
-def _asdict(obj: Any) -> dict[str, Any]:
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-
-
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -311,6 +532,7 @@ SECTIONS: dict[str, type] = {
     "wandb": WandbConfig,
     "metrics": MetricsConfig,
     "tensorboard": TensorBoardConfig,
+    "evaluation": EvaluationConfig,
 }
 
 # Fields only the operator reads; the trainer accepts and ignores them so one manifest serves both.
@@ -363,6 +585,11 @@ def field_specs() -> dict[str, dict[str, tuple[dataclasses.Field[Any], FieldSpec
     }
 
 
+def all_field_specs() -> list[tuple[str, dataclasses.Field[Any], FieldSpec]]:
+    """(dotted path, field, spec) of every trainer field, nested ones included (data.augment.scale)."""
+    return [row for section, cls in SECTIONS.items() for row in walk(cls, section)]
+
+
 def fields_by_resume(kind: str) -> tuple[str, ...]:
     """Dotted paths of the fields whose resume rule is `kind` (RUN, EXTEND or OBSERVE), in spec order."""
     return tuple(
@@ -385,16 +612,8 @@ def validate(cfg: JobConfig) -> None:
 
     Required fields, bounds and choices come from each field's declaration; the rest are cross-field rules.
     """
-    for section, specs in field_specs().items():
-        values = getattr(cfg, section)
-        for name, (_, fs) in specs.items():
-            path, value = f"{section}.{name}", getattr(values, name)
-            if fs.required and not value:
-                raise ConfigError(f"{path}: required ({fs.doc.split(';')[0].split(', e.g.')[0]})")
-            problem = fs.check(path, value)
-            if problem:
-                close = difflib.get_close_matches(str(value), fs.choices, n=1) if fs.choices else []
-                raise ConfigError(problem + (f"; did you mean {close[0]}?" if close else ""))
+    for section, cls in SECTIONS.items():
+        _check_fields(cls, section, getattr(cfg, section))
     m, d, t = cfg.model, cfg.data, cfg.training
     if isinstance(m.freeze, str) and m.freeze not in ("none", "backbone"):
         raise ConfigError(
@@ -404,6 +623,40 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError("data.path: required for data.format imagefolder (or set $KUBETUNE_DATA_PATH)")
     if t.epochs is not None and t.maxSteps is not None:
         raise ConfigError("training.maxSteps: set either training.epochs or training.maxSteps, not both")
+    if t.warmupSteps and t.warmupEpochs:
+        raise ConfigError("training.warmupEpochs: set either warmupSteps or warmupEpochs, not both")
+    if d.augment is not None and d.format != "imagefolder":
+        raise ConfigError(
+            "data.augment: needs data.format imagefolder (synthetic samples are tensors, not images); "
+            "remove data.augment or use an image folder"
+        )
+    for path, pair in (("data.augment.scale", d.augment and d.augment.scale),
+                       ("data.augment.ratio", d.augment and d.augment.ratio),
+                       ("training.mixup.cutmixMinmax", t.mixup and t.mixup.cutmixMinmax)):
+        if pair and pair[0] > pair[1]:
+            raise ConfigError(f"{path}: must be [min, max] with min <= max, got {list(pair)}")
+    if t.mixup is not None and not (t.mixup.mixupAlpha or t.mixup.cutmixAlpha or t.mixup.cutmixMinmax):
+        raise ConfigError(
+            "training.mixup: mixupAlpha and cutmixAlpha are both 0, so nothing would be mixed; set one "
+            "above 0 or remove training.mixup"
+        )
+
+
+def _check_fields(cls: type, prefix: str, values: Any) -> None:
+    """Declared checks (required, bounds, choices) of one section or nested object, recursively."""
+    for f in dataclasses.fields(cls):
+        fs = field_spec(f)
+        path, value = f"{prefix}.{f.name}", getattr(values, f.name)
+        if fs.required and not value:
+            raise ConfigError(f"{path}: required ({fs.doc.split(';')[0].split(', e.g.')[0]})")
+        if fs.nested is not None:
+            if value is not None:
+                _check_fields(fs.nested, path, value)
+            continue
+        problem = fs.check(path, value)
+        if problem:
+            close = difflib.get_close_matches(str(value), fs.choices, n=1) if fs.choices else []
+            raise ConfigError(problem + (f"; did you mean {close[0]}?" if close else ""))
 
 
 def resume_changes(old_spec: Mapping[str, Any], new: JobConfig) -> tuple[str | None, list[str]]:
@@ -413,25 +666,39 @@ def resume_changes(old_spec: Mapping[str, Any], new: JobConfig) -> tuple[str | N
     or observing fields are returned as `field: old -> new` lines to log. A field the checkpoint's spec
     lacks (written before the field existed) counts as its default.
     """
-    defaults, new_spec = field_defaults(), new.to_spec()
+    new_spec = new.to_spec()
     applied: list[str] = []
-    for section, specs in field_specs().items():
-        for name, (_, fs) in specs.items():
-            before = (old_spec.get(section) or {}).get(name, defaults[section][name])
-            after = new_spec[section][name]
-            if before == after:
-                continue
-            dotted = f"{section}.{name}"
-            if fs.resume == RUN:
-                return (
-                    f"{dotted}: changed from {before!r} to {after!r} since the checkpoint, but it defines "
-                    f"the run (a resume would silently keep training the old one); restore {dotted}: "
-                    f"{before!r}, or start a new run with a new --checkpoint-dir (on Kubernetes: a new "
-                    "metadata.name)",
-                    applied,
-                )
-            applied.append(f"{dotted}: {before!r} -> {after!r}")
+    for dotted, f, fs in all_field_specs():
+        found, before = _lookup(old_spec, dotted, default_of(f))
+        if not found:
+            continue  # inside an object the checkpoint did not have: the object itself differs
+        after = _lookup(new_spec, dotted, None)[1]
+        if fs.nested is not None and before is not None and after is not None:
+            continue  # both set: their fields are compared one by one
+        if before == after:
+            continue
+        if fs.resume == RUN:
+            return (
+                f"{dotted}: changed from {before!r} to {after!r} since the checkpoint, but it defines "
+                f"the run (a resume would silently keep training the old one); restore {dotted}: "
+                f"{before!r}, or start a new run with a new --checkpoint-dir (on Kubernetes: a new "
+                "metadata.name)",
+                applied,
+            )
+        applied.append(f"{dotted}: {before!r} -> {after!r}")
     return None, applied
+
+
+def _lookup(spec: Mapping[str, Any], dotted: str, default: Any) -> tuple[bool, Any]:
+    """(whether the path's parent object exists, the value or `default` when the key is missing)."""
+    node: Any = spec
+    *parents, leaf = dotted.split(".")
+    for i, part in enumerate(parents):
+        node = node.get(part) if isinstance(node, Mapping) else None
+        if node is None:
+            # A missing section counts as all defaults (its objects unset); a missing object as unset.
+            return len(parents) == 1, default
+    return True, node.get(leaf, default) if isinstance(node, Mapping) else default
 
 
 def resume_mismatch(old_spec: Mapping[str, Any], new: JobConfig) -> str | None:

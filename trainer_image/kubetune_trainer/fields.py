@@ -38,6 +38,11 @@ class FieldSpec:
     """Why the bound exists, shown in the error (e.g. keepLast's fallback)."""
     crd: Mapping[str, Any] = field(default_factory=dict)
     """Schema keywords only the CRD needs: maxLength, pattern, format, maxItems, itemMaxLength."""
+    nested: type | None = None
+    """For an object field (data.augment, training.mixup, ...): the frozen dataclass of its sub-fields,
+    each declared with spec_field too. Absent (None) means the feature is off."""
+    items: int | None = None
+    """For a list-of-numbers field (data.augment.scale): the exact number of items."""
 
     def bounds_text(self) -> str:
         """`> 0 and <= 10`, `>= 0`, or "" without bounds."""
@@ -55,6 +60,14 @@ class FieldSpec:
             return None
         if self.choices and value not in self.choices:
             return f"{path}: must be one of {', '.join(self.choices)}, got {value!r}"
+        if isinstance(value, tuple) and value and all(isinstance(v, int | float) for v in value):
+            if self.items is not None and len(value) != self.items:
+                return f"{path}: must have {self.items} numbers, got {len(value)}"
+            for i, v in enumerate(value):  # each item within the bounds
+                problem = self.check(f"{path}[{i}]", v)
+                if problem:
+                    return problem
+            return None
         if isinstance(value, bool) or not isinstance(value, int | float):
             return None
         if (self.ge is not None and value < self.ge) or (self.gt is not None and value <= self.gt):
@@ -83,17 +96,39 @@ def spec_field(
     choices: tuple[str, ...] = (),
     required: bool = False,
     why: str = "",
+    nested: type | None = None,
+    items: int | None = None,
     **crd: Any,
 ) -> Any:
     """A dataclass field carrying its FieldSpec (under metadata["kubetune"])."""
     assert resume in RESUME_KINDS, resume
-    spec = FieldSpec(doc, resume, ge, gt, le, lt, choices, required, why, crd)
+    spec = FieldSpec(doc, resume, ge, gt, le, lt, choices, required, why, crd, nested, items)
     return field(default=default, metadata={"kubetune": spec})
 
 
 def field_spec(f: dataclasses.Field[Any]) -> FieldSpec:
     spec: FieldSpec = f.metadata["kubetune"]
     return spec
+
+
+def plain(value: Any) -> Any:
+    """A field value as plain data: tuples as lists, nested config dataclasses as dicts."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def walk(cls: type, prefix: str) -> list[tuple[str, dataclasses.Field[Any], FieldSpec]]:
+    """(dotted path, field, spec) of every field of `cls`, nested object fields followed by their own."""
+    out = []
+    for f in dataclasses.fields(cls):
+        fs = field_spec(f)
+        out.append((f"{prefix}.{f.name}", f, fs))
+        if fs.nested is not None:
+            out.extend(walk(fs.nested, f"{prefix}.{f.name}"))
+    return out
 
 
 def default_of(f: dataclasses.Field[Any]) -> Any:

@@ -24,6 +24,7 @@ from kubetune_trainer.config import (
     ConfigError,
     JobConfig,
 )
+from kubetune_trainer.fields import field_spec
 
 
 def _unknown(path: str, key: str, known: Iterable[str]) -> ConfigError:
@@ -37,6 +38,14 @@ def _unknown(path: str, key: str, known: Iterable[str]) -> ConfigError:
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
+def _number(path: str, value: Any) -> float:
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        value = float(value)  # 1e-3: a string to YAML 1.1 (PyYAML), a number to kubectl and JSON
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{path}: must be a number, got {value!r}")
+    return float(value)
+
+
 def _coerce(path: str, f: dataclasses.Field[Any], value: Any) -> Any:
     """Check a raw YAML value against the field's annotation (strings, from the class body)."""
     ann = str(f.type)
@@ -44,6 +53,11 @@ def _coerce(path: str, f: dataclasses.Field[Any], value: Any) -> Any:
         if "None" in ann:
             return None
         raise ConfigError(f"{path}: must not be null")
+    nested = field_spec(f).nested
+    if nested is not None:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: must be a mapping of {', '.join(_field_names(nested))}, got {value!r}")
+        return _build(path, nested, value)
     if ann.startswith("bool"):
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: must be true or false, got {value!r}")
@@ -53,11 +67,11 @@ def _coerce(path: str, f: dataclasses.Field[Any], value: Any) -> Any:
             raise ConfigError(f"{path}: must be an integer, got {value!r}")
         return value
     if ann.startswith("float"):
-        if isinstance(value, str) and _FLOAT.match(value.strip()):
-            value = float(value)  # 1e-3: a string to YAML 1.1 (PyYAML), a number to kubectl and JSON
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{path}: must be a number, got {value!r}")
-        return float(value)
+        return _number(path, value)
+    if ann.startswith("tuple[float"):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: must be a list of numbers, e.g. [0.6, 1.0], got {value!r}")
+        return tuple(_number(f"{path}[{i}]", v) for i, v in enumerate(value))
     if ann.startswith("tuple"):
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{path}: must be a list of strings, got {value!r}")
@@ -89,17 +103,25 @@ def parse_spec(spec: Mapping[str, Any], name: str = "local") -> JobConfig:
         raw = spec.get(section) or {}
         if not isinstance(raw, Mapping):
             raise ConfigError(f"spec.{section}: must be a mapping, got {raw!r}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        ignored = OPERATOR_ONLY_FIELDS.get(section, frozenset())
-        kwargs: dict[str, Any] = {}
-        for key, value in raw.items():
-            if key in ignored:
-                continue
-            if key not in fields:
-                raise _unknown(f"spec.{section}", key, [*fields, *ignored])
-            kwargs[key] = _coerce(f"{section}.{key}", fields[key], value)
-        sections[section] = cls(**kwargs)
+        sections[section] = _build(section, cls, raw, OPERATOR_ONLY_FIELDS.get(section, frozenset()))
     return JobConfig(name=name, **sections).validate()
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _build(path: str, cls: type, raw: Mapping[str, Any], ignored: frozenset[str] = frozenset()) -> Any:
+    """An instance of a section's (or nested object's) dataclass from its raw mapping; unknown keys fail."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ignored:
+            continue
+        if key not in fields:
+            raise _unknown(f"spec.{path}", key, [*fields, *ignored])
+        kwargs[key] = _coerce(f"{path}.{key}", fields[key], value)
+    return cls(**kwargs)
 
 
 def set_path(doc: dict[str, Any], assignment: str) -> None:
