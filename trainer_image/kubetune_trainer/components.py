@@ -31,10 +31,31 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     return 1.0
 
 
+class Schedule:
+    """The learning-rate schedule as the loop drives it: step_update() after each optimizer update,
+    step_eval() after each evaluation (plateau watches the eval metrics), state in the checkpoint."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total: int, warmup: int, kind: str) -> None:
+        self._lambda = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, kind))
+
+    def step_update(self, num_updates: int) -> None:
+        """Set the learning rate for the update after `num_updates` updates."""
+        self._lambda.step()
+
+    def step_eval(self, metrics: dict[str, float]) -> None:
+        """An evaluation's results (eval_loss, eval_top1, ...); only plateau uses them."""
+
+    def state_dict(self) -> dict[str, object]:
+        return self._lambda.state_dict()
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self._lambda.load_state_dict(state)
+
+
 @dataclass
 class Components:
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scheduler: Schedule
     scaler: torch.amp.GradScaler
     ema: nn.Module | None
     criterion: nn.Module
@@ -49,8 +70,7 @@ def build_components(model: nn.Module, t: TrainingConfig, total_steps: int, prec
         optimizer = torch.optim.SGD(
             params, lr=t.learningRate, momentum=0.9, nesterov=True, weight_decay=t.weightDecay
         )
-    warm, kind = t.warmupSteps, t.scheduler
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warm, kind))
+    scheduler = Schedule(optimizer, total_steps, t.warmupSteps, t.scheduler)
     ema: nn.Module | None = None
     if t.ema:
         from timm.utils import ModelEmaV3

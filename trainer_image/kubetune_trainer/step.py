@@ -58,7 +58,7 @@ class StepRunner:
             out.update({f"learning_rate/group{i}": float(g["lr"]) for i, g in enumerate(groups)})
         p.scaler.step(p.optimizer)
         p.scaler.update()
-        p.scheduler.step()
+        p.scheduler.step_update(step)
         if p.ema is not None:
             p.ema.update(model_mod.unwrap(self.model), step=step)  # type: ignore[operator]
         out["loss"] = float(loss_sum.item())
