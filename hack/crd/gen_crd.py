@@ -256,8 +256,9 @@ def field_schema(path: str, f: Any) -> Schema:
         lo = fs.ge if fs.ge is not None else fs.gt
         hi = fs.le if fs.le is not None else fs.lt
         assert lo is not None and hi is not None and fs.items, f"{path} needs bounds and items for the CRD"
-        item = number(f"One number of {path}.", lo, hi, exclusive_min=fs.gt is not None,
-                      exclusive_max=fs.lt is not None)
+        item = number(
+            f"One number of {path}.", lo, hi, exclusive_min=fs.gt is not None, exclusive_max=fs.lt is not None
+        )
         return _with(array(fs.doc, item, fs.items, minItems=fs.items), default)
     if ann.startswith("tuple"):
         item = string(f"One of {path}.", crd["itemMaxLength"])

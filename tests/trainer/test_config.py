@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,7 +39,7 @@ def test_defaults() -> None:
         ("training", {"batchSize": "32"}, "training.batchSize: must be an integer"),
         ("training", {"learningRate": 0}, "training.learningRate: must be > 0"),
         ("training", {"learningRate": True}, "training.learningRate: must be a number"),
-        ("training", {"optimizer": "adam"}, "training.optimizer: must be one of adamw, sgd"),
+        ("training", {"scheduler": "cosin"}, "training.scheduler: must be one of cosine, step, multistep"),
         ("training", {"scheduler": "linear"}, "training.scheduler: must be one of"),
         ("training", {"precision": "fp8"}, "training.precision: must be one of"),
         ("training", {"epochs": 2, "maxSteps": 5}, "training.maxSteps: set either"),
@@ -123,7 +124,16 @@ def test_manifest_overrides_and_env(tmp_path: Path) -> None:
 
 def test_trainer_fields_and_defaults_are_exported() -> None:
     fields = c.trainer_fields()
-    assert set(fields) == {"model", "data", "training", "checkpoint", "wandb", "metrics", "tensorboard"}
+    assert set(fields) == {
+        "model",
+        "data",
+        "training",
+        "checkpoint",
+        "wandb",
+        "metrics",
+        "tensorboard",
+        "evaluation",
+    }
     assert "batchSize" in fields["training"] and "keepLast" in fields["checkpoint"]
     defaults = c.field_defaults()
     assert defaults["training"]["batchSize"] == 32 and defaults["wandb"]["tags"] == []
@@ -192,10 +202,9 @@ def test_a_field_missing_from_an_old_checkpoint_counts_as_its_default() -> None:
 def test_every_field_is_declared_once_with_a_resume_rule() -> None:
     from kubetune_trainer.fields import RESUME_KINDS
 
-    for section, specs in c.field_specs().items():
-        for name, (_, fs) in specs.items():
-            assert fs.doc and fs.doc[-1] == ".", f"{section}.{name}: a description ending in a period"
-            assert fs.resume in RESUME_KINDS, f"{section}.{name}"
+    for dotted, _, fs in c.all_field_specs():
+        assert fs.doc and fs.doc[-1] == ".", f"{dotted}: a description ending in a period"
+        assert fs.resume in RESUME_KINDS, dotted
     everything = set(c.RESUME_CRITICAL) | set(c.RESUME_EXTENDS) | set(c.RESUME_OBSERVES)
     assert len(everything) == sum(len(v) for v in c.TRAINER_FIELDS.values())
     assert {"training.learningRate", "training.weightDecay", "model.weights"} <= set(c.RESUME_CRITICAL)
@@ -219,3 +228,91 @@ def test_config_module_does_not_import_torch() -> None:
 
     code = "import sys, kubetune_trainer.config; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+AUG = {"format": "imagefolder", "path": "/data/x"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"data": {**AUG, "augment": {"scale": [0.6]}}}, "data.augment.scale: must have 2 numbers, got 1"),
+        ({"data": {**AUG, "augment": {"scale": [1.0, 0.6]}}}, r"data.augment.scale: must be \[min, max\]"),
+        ({"data": {**AUG, "augment": {"scale": [0.6, "big"]}}}, r"data.augment.scale\[1\]: must be a number"),
+        ({"data": {**AUG, "augment": {"scale": [0.0, 1.0]}}}, r"data.augment.scale\[0\]: must be > 0"),
+        (
+            {"data": {**AUG, "augment": {"scal": [0.6, 1.0]}}},
+            "data.augment.scal: unknown field; did you mean scale",
+        ),
+        ({"data": {**AUG, "augment": 5}}, "data.augment: must be a mapping of scale, ratio"),
+        ({"data": {**AUG, "augment": {"hflip": 2}}}, "data.augment.hflip: must be <= 1, got 2"),
+        (
+            {"data": {**AUG, "augment": {"remode": "pix"}}},
+            "data.augment.remode: must be one of const, rand, pixel",
+        ),
+        ({"data": {"format": "synthetic", "augment": {}}}, "data.augment: needs data.format imagefolder"),
+        ({"data": {**AUG, "sampling": "weighted"}}, "data.sampling: must be one of uniform, balanced"),
+        ({"data": AUG, "training": {"mixup": {"mode": "bach"}}}, "training.mixup.mode: .*did you mean batch"),
+        (
+            {"data": AUG, "training": {"mixup": {"mixupAlpha": 0, "cutmixAlpha": 0}}},
+            "training.mixup: mixupAlpha and cutmixAlpha are both 0",
+        ),
+        (
+            {"data": AUG, "training": {"earlyStopping": {"patience": 0}}},
+            "training.earlyStopping.patience: must be >= 1",
+        ),
+        (
+            {"data": AUG, "training": {"earlyStopping": {"metric": "acc"}}},
+            "training.earlyStopping.metric: must be one of",
+        ),
+        (
+            {"data": AUG, "training": {"warmupSteps": 5, "warmupEpochs": 1}},
+            "training.warmupEpochs: set either",
+        ),
+        ({"data": AUG, "training": {"betas": [0.9, 1.5]}}, r"training.betas\[1\]: must be < 1"),
+        ({"data": AUG, "training": {"compile": "fast"}}, "training.compile: must be one of default"),
+        ({"data": AUG, "checkpoint": {"best": {"metric": "top3"}}}, "checkpoint.best.metric: must be one of"),
+        ({"data": AUG, "evaluation": {"everySteps": -1}}, "evaluation.everySteps: must be >= 0"),
+        (
+            {"data": AUG, "evaluation": {"every": 5}},
+            "spec.evaluation.every: unknown field; did you mean everySteps",
+        ),
+    ],
+)
+def test_bad_nested_values_name_the_field(spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(c.ConfigError, match=message):
+        c.parse_spec({"model": {"name": "test_resnet"}, **spec})
+
+
+def test_nested_objects_parse_with_defaults_and_round_trip() -> None:
+    cfg = c.parse_spec(
+        {
+            "model": {"name": "test_resnet"},
+            "data": {**AUG, "augment": {"scale": [0.6, 1], "autoAugment": "rand-m9-mstd0.5-inc1"}},
+            "training": {"mixup": {"cutmixMinmax": [0.2, 0.8]}, "earlyStopping": {"metric": "loss"}},
+            "checkpoint": {"best": {}},
+        }
+    )
+    aug = cfg.data.augment
+    assert aug is not None and aug.scale == (0.6, 1.0) and aug.hflip == 0.5 and aug.autoAugment
+    assert cfg.training.mixup is not None and cfg.training.mixup.cutmixMinmax == (0.2, 0.8)
+    assert cfg.checkpoint.best is not None and cfg.checkpoint.best.metric == "top1"
+    spec = cfg.to_spec()
+    assert spec["data"]["augment"]["scale"] == [0.6, 1.0] and spec["training"]["mixup"]["mode"] == "batch"
+    again = c.parse_spec({"model": spec["model"], **{k: v for k, v in spec.items() if k != "model"}})
+    assert again == cfg
+    assert c.parse_spec({"model": {"name": "test_resnet"}, "data": AUG}).data.augment is None
+
+
+def test_resume_names_the_changed_nested_field() -> None:
+    base = {"model": {"name": "test_resnet"}, "data": {**AUG, "augment": {"hflip": 0.0}}}
+    old = c.parse_spec(base).to_spec()
+    why, _ = c.resume_changes(old, c.parse_spec({**base, "data": {**AUG, "augment": {"hflip": 0.5}}}))
+    assert why is not None and why.startswith("data.augment.hflip: changed from 0.0 to 0.5")
+    why, _ = c.resume_changes(old, c.parse_spec({**base, "data": AUG}))
+    assert why is not None and why.startswith("data.augment: changed from {")
+    # A checkpoint written before these fields existed resumes under a spec that leaves them unset.
+    legacy = c.parse_spec({**base, "data": AUG}).to_spec()
+    del legacy["data"]["augment"], legacy["data"]["sampling"], legacy["evaluation"]
+    del legacy["training"]["mixup"], legacy["checkpoint"]["best"]
+    assert c.resume_changes(legacy, c.parse_spec({**base, "data": AUG})) == (None, [])

@@ -372,32 +372,51 @@ def test_resume_critical_sections_are_immutable(schema: dict[str, Any]) -> None:
         assert not any("oldSelf" in r for r in by_path.get(path, [])), path
 
 
+def _crd_node(spec: dict[str, Any], dotted: str) -> dict[str, Any]:
+    """The CRD schema of a trainer field path (data.augment.scale); number lists give their item schema."""
+    node: dict[str, Any] = {"properties": spec}
+    for part in dotted.split("."):
+        node = node["properties"][part]
+    return node
+
+
 def test_trainer_bounds_and_choices_match_the_field_table(
     schema: dict[str, Any], trainer_config: Any
 ) -> None:
-    """The API server and the trainer accept the same values: the CRD's bounds and enums are the table's."""
+    """The API server and the trainer accept the same values: the CRD's bounds and enums are the table's,
+    nested objects (data.augment, training.mixup, ...) and number lists (their items) included."""
     spec = schema["properties"]["spec"]["properties"]
     drift = {}
-    for section, specs in trainer_config.field_specs().items():
-        for name, (_f, fs) in specs.items():
-            crd = spec[section]["properties"][name]
-            if fs.choices and crd.get("enum") != list(fs.choices):
-                drift[f"{section}.{name}"] = ("enum", crd.get("enum"), fs.choices)
-            integer = crd.get("type") == "integer"
-            low = fs.ge if fs.ge is not None else fs.gt
-            high = fs.le if fs.le is not None else fs.lt
-            if integer and fs.gt is not None:
-                low = fs.gt + 1
-            if integer and fs.lt is not None:
-                high = fs.lt - 1
-            got = (crd.get("minimum"), crd.get("maximum"))
-            if low is not None and got != (low, high):
-                drift[f"{section}.{name}"] = ("range", got, (low, high))
-            if not integer and crd.get("type") == "number":
-                open_ends = (crd.get("exclusiveMinimum", False), crd.get("exclusiveMaximum", False))
-                if open_ends != (fs.gt is not None, fs.lt is not None):
-                    drift[f"{section}.{name}"] = ("exclusive", open_ends)
+    checked = 0
+    for dotted, _f, fs in trainer_config.all_field_specs():
+        if dotted == "model.freeze":
+            continue  # a union, checked by its own tests
+        crd = _crd_node(spec, dotted)
+        if fs.nested is not None:
+            assert crd["type"] == "object" and "default" not in crd, dotted  # absent means off
+            continue
+        if fs.items:
+            assert (crd.get("minItems"), crd.get("maxItems")) == (fs.items, fs.items), dotted
+            crd = crd["items"]
+        checked += 1
+        if fs.choices and crd.get("enum") != list(fs.choices):
+            drift[dotted] = ("enum", crd.get("enum"), fs.choices)
+        integer = crd.get("type") == "integer"
+        low = fs.ge if fs.ge is not None else fs.gt
+        high = fs.le if fs.le is not None else fs.lt
+        if integer and fs.gt is not None:
+            low = fs.gt + 1
+        if integer and fs.lt is not None:
+            high = fs.lt - 1
+        got = (crd.get("minimum"), crd.get("maximum"))
+        if low is not None and got != (low, high):
+            drift[dotted] = ("range", got, (low, high))
+        if not integer and crd.get("type") == "number":
+            open_ends = (crd.get("exclusiveMinimum", False), crd.get("exclusiveMaximum", False))
+            if open_ends != (fs.gt is not None, fs.lt is not None):
+                drift[dotted] = ("exclusive", open_ends)
     assert drift == {}
+    assert checked > 60  # the nested fields were walked, not skipped
 
 
 def test_run_defining_fields_are_immutable_in_the_crd(schema: dict[str, Any], trainer_config: Any) -> None:
@@ -405,8 +424,13 @@ def test_run_defining_fields_are_immutable_in_the_crd(schema: dict[str, Any], tr
     spec = schema["properties"]["spec"]["properties"]
     editable = []
     for dotted in trainer_config.RESUME_CRITICAL:
-        section = dotted.split(".")[0]
+        section, name = dotted.split(".")[:2]
         rules = [r["rule"] for r in spec[section].get("x-kubernetes-validations", [])]
-        if "self == oldSelf" not in rules:
+        # An optional object of a mutable section (checkpoint.best) is guarded on the section: adding,
+        # removing or changing it is refused.
+        optional = (
+            f"has(self.{name}) == has(oldSelf.{name}) && (!has(self.{name}) || self.{name} == oldSelf.{name})"
+        )
+        if "self == oldSelf" not in rules and optional not in rules:
             editable.append(dotted)
     assert editable == []

@@ -136,9 +136,7 @@ class AugmentConfig:
         RUN,
         choices=("const", "rand", "pixel"),
     )
-    recount: int = spec_field(
-        1, "Random erasing boxes per image.", RUN, ge=1, le=16, format="int32"
-    )
+    recount: int = spec_field(1, "Random erasing boxes per image.", RUN, ge=1, le=16, format="int32")
     interpolation: str | None = spec_field(
         None,
         "Resize interpolation of the random crop; random picks bilinear or bicubic per sample. Unset: "
@@ -200,7 +198,7 @@ class DataConfig:
         ge=0,
         le=1,
     )
-    augment: AugmentConfig | None = spec_field(
+    augment: AugmentConfig | None = spec_field(  # noqa: RUF009 (the default is None)
         None,
         "Random training augmentation with timm's create_transform(is_training=True) names. Exact: each "
         "sample's random transform is seeded from (training.seed, epoch, sample index), so a resumed run, "
@@ -252,7 +250,9 @@ class EarlyStoppingConfig:
     """training.earlyStopping: end the run when the evaluated metric stops improving."""
 
     metric: str = spec_field(
-        "top1", "Evaluation metric watched: top1 and top5 are maximised, loss minimised.", RUN,
+        "top1",
+        "Evaluation metric watched: top1 and top5 are maximised, loss minimised.",
+        RUN,
         choices=("top1", "top5", "loss"),
     )
     patience: int = spec_field(
@@ -303,9 +303,16 @@ class TrainingConfig:
         maxLength=64,
         pattern=r"^[a-z0-9_]+$",
     )
-    momentum: float = spec_field(0.9, "Momentum of sgd, momentum and the other SGD-like optimizers.", RUN, ge=0, lt=1)
+    momentum: float = spec_field(
+        0.9, "Momentum of sgd, momentum and the other SGD-like optimizers.", RUN, ge=0, lt=1
+    )
     betas: tuple[float, ...] | None = spec_field(
-        None, "[beta1, beta2] of Adam-like optimizers. Unset: the optimizer's default.", RUN, ge=0, lt=1, items=2
+        None,
+        "[beta1, beta2] of Adam-like optimizers. Unset: the optimizer's default.",
+        RUN,
+        ge=0,
+        lt=1,
+        items=2,
     )
     eps: float | None = spec_field(
         None, "Optimizer epsilon. Unset: the optimizer's default.", RUN, gt=0, le=1
@@ -327,12 +334,18 @@ class TrainingConfig:
         choices=("cosine", "step", "multistep", "poly", "tanh", "plateau", "constant"),
     )
     minLearningRate: float = spec_field(
-        0.0, "Learning rate the cosine, poly and tanh schedules end at, and plateau's floor.", RUN, ge=0, le=10
+        0.0,
+        "Learning rate the cosine, poly and tanh schedules end at, and plateau's floor.",
+        RUN,
+        ge=0,
+        le=10,
     )
     warmupLearningRate: float = spec_field(
         0.0, "Learning rate the linear warmup starts from.", RUN, ge=0, le=10
     )
-    warmupSteps: int = spec_field(0, "Linear warmup steps from warmupLearningRate to learningRate.", RUN, ge=0, le=BIG)
+    warmupSteps: int = spec_field(
+        0, "Linear warmup steps from warmupLearningRate to learningRate.", RUN, ge=0, le=BIG
+    )
     warmupEpochs: float = spec_field(
         0.0,
         "Warmup length in epochs (converted to steps); mutually exclusive with warmupSteps.",
@@ -371,7 +384,9 @@ class TrainingConfig:
         "Keep an exponential moving average of the weights (timm ModelEmaV3); evaluation and export use it.",
         RUN,
     )
-    emaDecay: float = spec_field(0.9998, "Decay of the weights' moving average (training.ema).", RUN, gt=0, lt=1)
+    emaDecay: float = spec_field(
+        0.9998, "Decay of the weights' moving average (training.ema).", RUN, gt=0, lt=1
+    )
     channelsLast: bool = spec_field(
         False, "Train in channels_last memory format (faster convolutions on recent GPUs).", RUN
     )
@@ -382,14 +397,14 @@ class TrainingConfig:
         RUN,
         choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     )
-    mixup: MixupConfig | None = spec_field(
+    mixup: MixupConfig | None = spec_field(  # noqa: RUF009 (the default is None)
         None,
         "Mixup/CutMix with timm's Mixup and SoftTargetCrossEntropy (labelSmoothing folded into the soft "
         "targets); its randomness is seeded from (seed, step, rank), so resume stays exact. Unset: off.",
         RUN,
         nested=MixupConfig,
     )
-    earlyStopping: EarlyStoppingConfig | None = spec_field(
+    earlyStopping: EarlyStoppingConfig | None = spec_field(  # noqa: RUF009 (the default is None)
         None,
         "End the job (Succeeded, reason EarlyStopped) when the evaluated metric stopped improving. Unset: "
         "train to the end.",
@@ -444,7 +459,7 @@ class CheckpointConfig:
         why="a fallback for a torn newest one",
         format="int32",
     )
-    best: BestConfig | None = spec_field(
+    best: BestConfig | None = spec_field(  # noqa: RUF009 (the default is None)
         None,
         "Keep the best evaluated model in best/ beside final/, exported the same loadable way and never "
         "deleted by keepLast; the status shows its metric and step. Unset: final/ only.",
@@ -630,15 +645,24 @@ def validate(cfg: JobConfig) -> None:
             "data.augment: needs data.format imagefolder (synthetic samples are tensors, not images); "
             "remove data.augment or use an image folder"
         )
-    for path, pair in (("data.augment.scale", d.augment and d.augment.scale),
-                       ("data.augment.ratio", d.augment and d.augment.ratio),
-                       ("training.mixup.cutmixMinmax", t.mixup and t.mixup.cutmixMinmax)):
+    for path, pair in (
+        ("data.augment.scale", d.augment and d.augment.scale),
+        ("data.augment.ratio", d.augment and d.augment.ratio),
+        ("training.mixup.cutmixMinmax", t.mixup and t.mixup.cutmixMinmax),
+    ):
         if pair and pair[0] > pair[1]:
             raise ConfigError(f"{path}: must be [min, max] with min <= max, got {list(pair)}")
     if t.mixup is not None and not (t.mixup.mixupAlpha or t.mixup.cutmixAlpha or t.mixup.cutmixMinmax):
         raise ConfigError(
             "training.mixup: mixupAlpha and cutmixAlpha are both 0, so nothing would be mixed; set one "
             "above 0 or remove training.mixup"
+        )
+    if t.mixup is not None and t.batchSize % 2:
+        # timm's Mixup mixes sample i with sample n-1-i and asserts an even batch, in every mode.
+        fits = f"{t.batchSize + 1} or {t.batchSize - 1}" if t.batchSize > 1 else "2"
+        raise ConfigError(
+            f"training.batchSize: training.mixup (mode {t.mixup.mode}) needs an even micro-batch, got "
+            f"{t.batchSize}; set training.batchSize to {fits}, or remove training.mixup"
         )
 
 
@@ -693,7 +717,7 @@ def _lookup(spec: Mapping[str, Any], dotted: str, default: Any) -> tuple[bool, A
     """(whether the path's parent object exists, the value or `default` when the key is missing)."""
     node: Any = spec
     *parents, leaf = dotted.split(".")
-    for i, part in enumerate(parents):
+    for part in parents:
         node = node.get(part) if isinstance(node, Mapping) else None
         if node is None:
             # A missing section counts as all defaults (its objects unset); a missing object as unset.

@@ -56,7 +56,9 @@ def _coerce(path: str, f: dataclasses.Field[Any], value: Any) -> Any:
     nested = field_spec(f).nested
     if nested is not None:
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{path}: must be a mapping of {', '.join(_field_names(nested))}, got {value!r}")
+            raise ConfigError(
+                f"{path}: must be a mapping of {', '.join(_field_names(nested))}, got {value!r}"
+            )
         return _build(path, nested, value)
     if ann.startswith("bool"):
         if not isinstance(value, bool):
