@@ -1,8 +1,12 @@
 """Datasets, transforms and resumable deterministic sampling.
 
 The order of samples is a pure function of (seed, epoch, rank, world size): a resumed run skips the batches
-it already consumed and sees exactly the batches an uninterrupted run would. Train transforms carry no
-random augmentation, so a sample's tensor is a pure function of its index.
+it already consumed and sees exactly the batches an uninterrupted run would, whether uniform (a permutation)
+or balanced (drawn with replacement, weights 1/class count). With data.augment the training split runs
+timm's random training transform, but right before it the torch (CPU), python and numpy RNGs are seeded
+from (seed, epoch, sample index) and restored afterwards: a sample's tensor is a pure function of
+(index, epoch) in any process or worker, and the trainer's own RNG streams are left as they were. Without
+data.augment (and always for val) the eval transform runs, and a sample is a pure function of its index.
 
 Bad images: the up-front scan reads headers only, skips (and counts) files whose header is unreadable, and
 fails (exit 2) when more than data.maxBadFraction of a folder is. A file whose header opens but whose pixels
@@ -14,10 +18,11 @@ more than data.maxBadFraction of a split into exit 2.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from kubetune_trainer.config import ConfigError, DataConfig
+from kubetune_trainer.config import AugmentConfig, ConfigError, DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,9 @@ LOGGED_BAD = 10
 """Bad images logged one by one per split (and per scanned folder); the rest are only counted."""
 NAMED_BAD = 5
 """Paths an error message lists."""
+AUGMENT_DRAWS = 4
+"""Seeded draws of the random transform tried per sample: a draw that raises (timm's RandAugment posterize
+at 0 bits, which recent Pillow rejects) is replaced by the next seed's, the same in every run."""
 
 
 def stand_in_index(seed: int, index: int, attempt: int, n: int) -> int:
@@ -47,24 +55,68 @@ def stand_in_index(seed: int, index: int, attempt: int, n: int) -> int:
     return (index + 1 + int.from_bytes(digest, "little") % (n - 1)) % n
 
 
+def derived_seed(*parts: object) -> int:
+    """A 64-bit seed that is a pure function of `parts` (the same in every process, machine and run)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed the CPU torch, python `random` and numpy global RNGs with `seed` for the block, so randomness
+    inside (timm transforms, Mixup) is a function of `seed` alone. In the training process all three are
+    restored afterwards, so its own streams are untouched; a DataLoader worker's global RNGs serve only
+    these seeded blocks, so they are not restored there (numpy's get/set_state alone costs ~130 us, more
+    than the rest of the seeding). CUDA generators are neither seeded nor touched."""
+    if torch.utils.data.get_worker_info() is not None:
+        _seed_all(seed)
+        yield
+        return
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        _seed_all(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def _seed_all(seed: int) -> None:
+    torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that also reseeds CUDA
+    random.seed(seed)
+    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
+
+
 def _name_paths(paths: list[str]) -> str:
     more = f" and {len(paths) - NAMED_BAD} more" if len(paths) > NAMED_BAD else ""
     return ", ".join(paths[:NAMED_BAD]) + more
 
 
 class ImageListDataset(Dataset[tuple[torch.Tensor, int]]):
-    """(path, label) pairs with a fixed transform; an image that fails to decode is replaced by a seeded
-    stand-in (whose own label comes with it) and flagged, see bad_count() and bad_paths()."""
+    """(path, label) pairs with a transform; an image that fails to decode is replaced by a seeded
+    stand-in (whose own label comes with it) and flagged, see bad_count() and bad_paths().
+
+    `augmented`: the transform is random (data.augment); each call runs it with the global RNGs seeded
+    from (seed, epoch, index loaded, stand-in attempt) and restores them after, see seeded_rngs().
+    """
 
     def __init__(
-        self, samples: list[tuple[str, int]], transform: Any, seed: int = 0, split: str = "train"
+        self,
+        samples: list[tuple[str, int]],
+        transform: Any,
+        seed: int = 0,
+        split: str = "train",
+        augmented: bool = False,
     ) -> None:
         self.samples = samples
         self.transform = transform
         self.seed = seed
         self.split = split
+        self.augmented = augmented
         self.epoch: int | None = None
-        """Only for the warnings; make_loader(epoch=...) sets it before the workers fork."""
+        """The epoch being loaded: seeds the augmentation (None counts as 0) and names the epoch in
+        warnings. make_loader(epoch=...) sets it before the workers fork (a loader is made per epoch)."""
         # Shared memory, so flags set in DataLoader worker processes are seen by the main process.
         self._bad = torch.zeros(len(samples), dtype=torch.uint8).share_memory_()
         self._changed = torch.zeros(1, dtype=torch.uint8).share_memory_()
@@ -73,10 +125,21 @@ class ImageListDataset(Dataset[tuple[torch.Tensor, int]]):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _load(self, index: int) -> tuple[torch.Tensor, int]:
+    def _load(self, index: int, attempt: int = 0) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         with Image.open(path) as img:
-            return self.transform(img.convert("RGB")), label
+            rgb = img.convert("RGB")  # decodes: a broken file fails here, before any RNG is touched
+        if not self.augmented:
+            return self.transform(rgb), label
+        draw = 0
+        while True:
+            try:
+                with seeded_rngs(derived_seed("augment", self.seed, self.epoch or 0, index, attempt, draw)):
+                    return self.transform(rgb), label
+            except Exception:  # an op that cannot take this draw; the last one counts as a bad sample
+                draw += 1
+                if draw == AUGMENT_DRAWS:
+                    raise
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         failed: list[tuple[int, Exception]] = []
@@ -84,7 +147,7 @@ class ImageListDataset(Dataset[tuple[torch.Tensor, int]]):
         for attempt in range(STAND_IN_ATTEMPTS + 1 if n > 1 else 1):
             i = index if attempt == 0 else stand_in_index(self.seed, index, attempt - 1, n)
             try:
-                item = self._load(i)
+                item = self._load(i, attempt)
             except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
                 failed.append((i, e))
                 continue
@@ -299,10 +362,35 @@ def eval_data_config(model_data_cfg: dict[str, Any], image_size: int) -> dict[st
 
 
 def build_transform(eval_cfg: dict[str, Any]) -> Any:
+    """The eval transform (val always, train without data.augment): deterministic."""
     from timm.data import create_transform
 
-    # no random augmentation: exact resume needs sample = f(index)
     return create_transform(is_training=False, **eval_cfg)
+
+
+def build_train_transform(eval_cfg: dict[str, Any], augment: AugmentConfig) -> Any:
+    """timm's random training transform for data.augment, at the eval transform's size, mean and std.
+
+    Random: ImageListDataset(augmented=True) seeds it per sample, which is what keeps resume exact.
+    """
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=eval_cfg["input_size"],
+        is_training=True,
+        scale=(augment.scale[0], augment.scale[1]),
+        ratio=(augment.ratio[0], augment.ratio[1]),
+        hflip=augment.hflip,
+        vflip=augment.vflip,
+        color_jitter=augment.colorJitter,
+        auto_augment=augment.autoAugment,
+        interpolation=augment.interpolation or eval_cfg["interpolation"],
+        mean=eval_cfg["mean"],
+        std=eval_cfg["std"],
+        re_prob=augment.reprob,
+        re_mode=augment.remode,
+        re_count=augment.recount,
+    )
 
 
 def build_datasets(
@@ -343,7 +431,12 @@ def build_datasets(
         raise ConfigError(
             f"model.numClasses: {num_classes} is fewer than the {len(classes)} classes found in {root}"
         )
-    train = ImageListDataset(train_samples, transform, seed, "train")
+    if cfg.augment is not None:
+        train = ImageListDataset(
+            train_samples, build_train_transform(eval_cfg, cfg.augment), seed, "train", augmented=True
+        )
+    else:
+        train = ImageListDataset(train_samples, transform, seed, "train")
     val = ImageListDataset(val_samples, transform, seed, "val") if val_samples else None
     return DataBundle(train, val, classes, image_size, bad, eval_cfg)
 
@@ -389,6 +482,55 @@ class ResumableBatchSampler(Sampler[list[int]]):
         return max(0, self.batches_per_epoch - self.start_batch)
 
 
+class BalancedBatchSampler(ResumableBatchSampler):
+    """ResumableBatchSampler whose epoch is n indices drawn with replacement, each with weight 1/(count of
+    its label), so every class is drawn about equally often; sharded, batched and resumed the same way.
+
+    The draw is a pure function of (seed, epoch): a class uniformly among those present, then a sample
+    uniformly within it (the same distribution as weights 1/count, without torch.multinomial's 2**24
+    category limit), from a torch.Generator seeded with derived_seed("balanced", seed, epoch).
+    """
+
+    def __init__(
+        self, labels: Sequence[int], batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        super().__init__(len(labels), batch_size, seed, rank, world_size)
+        lab = torch.as_tensor(list(labels), dtype=torch.long)
+        self._members = torch.argsort(lab, stable=True)  # sample indices grouped by label
+        _, counts = torch.unique_consecutive(lab[self._members], return_counts=True)
+        self._counts = counts
+        self._starts = torch.cumsum(counts, 0) - counts
+
+    def permutation(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(derived_seed("balanced", self.seed, epoch) % 2**63)
+        k = len(self._counts)
+        cls = torch.randint(k, (self.n,), generator=g)
+        within = (torch.rand(self.n, generator=g, dtype=torch.float64) * self._counts[cls]).long()
+        within = torch.minimum(within, self._counts[cls] - 1)
+        drawn = self._members[self._starts[cls] + within].tolist()
+        return drawn[self.rank :: self.world_size][: self.n // self.world_size]
+
+
+def dataset_labels(dataset: Dataset[Any]) -> list[int]:
+    """The label of every sample of an ImageListDataset or SyntheticDataset, in index order."""
+    if isinstance(dataset, ImageListDataset):
+        return [label for _, label in dataset.samples]
+    if isinstance(dataset, SyntheticDataset):
+        return [i % dataset.num_classes for i in dataset.indices]
+    raise TypeError(f"no labels known for {type(dataset).__name__}")
+
+
+def make_batch_sampler(
+    sampling: str, labels: Sequence[int], batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+) -> ResumableBatchSampler:
+    """This rank's resumable batch sampler for data.sampling (uniform or balanced) over `labels`."""
+    if sampling == "balanced":
+        return BalancedBatchSampler(labels, batch_size, seed, rank, world_size)
+    if sampling != "uniform":
+        raise ConfigError(f"data.sampling: must be uniform or balanced, got {sampling!r}")
+    return ResumableBatchSampler(len(labels), batch_size, seed, rank, world_size)
+
+
 def _worker_init(worker_id: int) -> None:
     # Each worker's seed derives from the loader's explicit generator, never from the trainer's global RNG.
     seed = torch.initial_seed() % 2**32
@@ -405,8 +547,8 @@ def make_loader(
 ) -> DataLoader[Any]:
     """A loader that never draws from the global torch RNG (its own generator seeds the workers).
 
-    `epoch` only names the epoch in bad-image warnings (an ImageListDataset's `epoch`, set here before the
-    workers start).
+    `epoch` becomes an ImageListDataset's `epoch`, set here before the workers fork: it seeds data.augment
+    (so make one loader per epoch) and names the epoch in bad-image warnings.
     """
     if epoch is not None and isinstance(dataset, ImageListDataset):
         dataset.epoch = epoch
