@@ -1,4 +1,5 @@
-"""The timm model: creation by name, local or cached weights, classifier size, freezing."""
+"""The timm model: creation by name, local or cached weights, classifier size, freezing, placement
+(channels_last), torch.compile, and unwrap() down to the module checkpoints hold."""
 
 from __future__ import annotations
 
@@ -312,5 +313,36 @@ def build_model(cfg: ModelConfig, num_classes: int, image_size: int) -> BuiltMod
     return BuiltModel(model, frozen, trainable, total)
 
 
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """training.channelsLast as the memory format of the model's 4-d weights and of its input batches."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def place(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """The model on `device`, its 4-d weights in channels_last when asked (inputs must follow: see
+    memory_format). Checkpoints stay layout-free: state dicts load into either layout by copy."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def compile_model(model: nn.Module, mode: str | None) -> nn.Module:
+    """torch.compile(model, mode=mode), or `model` when mode is None. The wrapper shares the parameters
+    and unwrap() sees through it, so state dicts and optimizer state keep their eager keys."""
+    if mode is None:
+        return model
+    compiled: nn.Module = torch.compile(model, mode=mode)  # type: ignore[assignment]
+    return compiled
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The trained module below torch.compile's OptimizedModule and DDP, in any nesting: the one whose
+    state_dict is checkpointed and exported (no `_orig_mod.` or `module.` prefixes)."""
+    from torch._dynamo import OptimizedModule  # imported by torch/timm already: no cost
+
+    while True:
+        if isinstance(model, OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
