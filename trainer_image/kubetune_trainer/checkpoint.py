@@ -301,7 +301,8 @@ class Checkpointer:
 
     # -- retention ---------------------------------------------------------------------------------
     def keep_latest_k(self) -> None:
-        """Delete all but the newest keepLast checkpoints (manifest first, so a half-deleted one is invalid)."""
+        """Delete all but the newest keepLast checkpoints (manifest first, so a half-deleted one is invalid).
+        Only step-* files in checkpoints/ are candidates: best/, final/ and eval/ beside it are never touched."""
         manifests = sorted(self.dir.glob("step-*.json"), reverse=True)
         for old in manifests[self.cfg.keepLast :]:
             old.unlink(missing_ok=True)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from kubetune_trainer.checkpoint import Checkpointer, Found, ProgressFile
 from kubetune_trainer.config import ConfigError, JobConfig, resume_changes
+from kubetune_trainer.evaluate import early_stop_reached
 from kubetune_trainer.runtime import Runtime
 from kubetune_trainer.telemetry import RunInfo
 
@@ -40,7 +41,8 @@ class ResumeLedger:
         self.file = ProgressFile(root / "progress.json")
         self.first_start = True
         self.finished = False
-        """The checkpoint is the run's last step and its model was exported: nothing left to do."""
+        """The checkpoint is the run's last step (or where it stopped early) and its model was exported:
+        nothing left to do."""
         self.lost_now = 0
         self.lost_steps_total = 0
         self.resumes = 0
@@ -65,9 +67,13 @@ class ResumeLedger:
             self._check(state, cfg, classes, train_size, total_steps)
             self.ckpt.last_saved_step = found.step
             self.checkpoint_path, self.checkpoint_step = str(found.path), found.step
+            # The last step, or an early stop (its patience is spent in the checkpointed metrics).
+            ended = found.step == total_steps or early_stop_reached(
+                state.get("metrics") or {}, cfg.training.earlyStopping
+            )
             self.finished = (
                 bool(progress.get("finished"))
-                and found.step == total_steps
+                and ended
                 and (self.root / "final" / "model.safetensors").is_file()
             )
         if progress and not self.finished:

@@ -1,11 +1,14 @@
 """The training loop: one attempt of a run from resume to an Outcome (trained, stopped, or refused).
 
 It builds the parts (components.py), asks the resume ledger (ledger.py) where to continue from, runs
-steps (step.py), evaluates, checkpoints (checkpoint.py), stops on SIGTERM/SIGINT and exports (export.py).
+steps (step.py), evaluates (evaluate.py: the report, best/, early stopping), checkpoints (checkpoint.py),
+stops on SIGTERM/SIGINT and exports (export.py).
 
 One step is one optimizer update (gradAccumulation micro-batches). Everything that decides the weights
 after step N (data order, RNG states, optimizer/scheduler/scaler/EMA state) is in the checkpoint, so a
-resumed run is bitwise identical to an uninterrupted one when training.deterministic is on.
+resumed run is bitwise identical to an uninterrupted one when training.deterministic is on. What the loop
+decides besides the weights (when to evaluate, which model is best, when to stop early) is a function of
+the step and the checkpointed metrics, so it decides the same after a resume.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ import torch.distributed as dist
 from torch import nn
 
 from kubetune_trainer import data as data_mod
+from kubetune_trainer import evaluate as eval_mod
 from kubetune_trainer import model as model_mod
 from kubetune_trainer import telemetry
-from kubetune_trainer.checkpoint import Checkpointer
-from kubetune_trainer.components import build_components, build_sampler, resolve_precision
-from kubetune_trainer.config import JobConfig
-from kubetune_trainer.evaluate import Misclassified, evaluate
+from kubetune_trainer.checkpoint import Checkpointer, write_json_atomic
+from kubetune_trainer.components import build_components, build_sampler, check_optimizer, resolve_precision
+from kubetune_trainer.config import ConfigError, JobConfig
+from kubetune_trainer.evaluate import EvalReport, Misclassified, evaluate
 from kubetune_trainer.export import export_final
 from kubetune_trainer.ledger import ResumeLedger
 from kubetune_trainer.outcome import Outcome
@@ -61,7 +65,8 @@ class Trainer:
         self.epoch = 0
         self.step_in_epoch = 0
         self.eval_step = -1
-        self.metrics: dict[str, float] = {}
+        self.metrics: dict[str, Any] = {}
+        """Checkpointed: the last evaluation's eval_* numbers, the best so far, the early-stopping counter."""
         self._iter: Any = None
         self._want_save = False
         self._bad_seen = 0
@@ -70,22 +75,27 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------------------
     def _setup(self) -> None:
+        check_optimizer(self.cfg.training.optimizer)  # exit 2 on a bad name before any data is read
         cfg, t = self.cfg, self.cfg.training
         seed_everything(t.seed, self.deterministic)
         mdata = model_mod.data_config(cfg.model.name)
         self.data = data_mod.build_datasets(cfg.data, cfg.model.numClasses, mdata, t.seed)
         self.num_classes = cfg.model.numClasses or len(self.data.classes)
-        self.sampler, self.steps_per_epoch = build_sampler(len(self.data.train), t, self.rt)  # type: ignore[arg-type]
+        self._check_val_split()
+        self.sampler, self.steps_per_epoch = build_sampler(self.data.train, cfg.data.sampling, t, self.rt)
         self.total_steps = t.maxSteps or (t.epochs or 1) * self.steps_per_epoch
         built = model_mod.build_model(cfg.model, self.num_classes, self.data.image_size)
         self.frozen = built.frozen_prefixes
-        self.model: nn.Module = built.model.to(self.device)
-        parts = build_components(self.model, t, self.total_steps, self.precision)
+        self.model: nn.Module = model_mod.place(built.model, self.device, t.channelsLast)
+        parts = build_components(self.model, t, self.total_steps, self.precision, self.steps_per_epoch)
         self.optimizer, self.scheduler, self.scaler = parts.optimizer, parts.scheduler, parts.scaler
         self.ema, self.criterion = parts.ema, parts.criterion
         if self.rt.distributed:
             ids = [self.rt.local_rank] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        # After DDP, as PyTorch documents (DDPOptimizer splits the graph at DDP's bucket boundaries so the
+        # all-reduces overlap the backward); optimizer, EMA and checkpoints use the eager module (unwrap).
+        self.model = model_mod.compile_model(self.model, t.compile)
         self.stepper = StepRunner(self.model, parts, t, self.rt, self.precision)
         self._autocast = self.stepper.autocast
         self.ckpt = Checkpointer(self.root, cfg.checkpoint, writer=self.rt.rank == 0)
@@ -105,6 +115,20 @@ class Trainer:
         self.telemetry = telemetry.build(cfg, self.rt.rank, self.log_every_seconds, checkpoint_dir=self.root)
         if not self.ledger.finished:
             self._write_progress()
+
+    def _check_val_split(self) -> None:
+        """checkpoint.best and training.earlyStopping act on evaluations: without a split they never would."""
+        if self.data.val is not None:
+            return
+        for path, value in (
+            ("training.earlyStopping", self.cfg.training.earlyStopping),
+            ("checkpoint.best", self.cfg.checkpoint.best),
+        ):
+            if value is not None:
+                raise ConfigError(
+                    f"{path}: needs a validation split, and this data has none; set data.valFraction above "
+                    f"0 (or add a val/ folder), or remove {path}"
+                )
 
     @property
     def lost_steps_total(self) -> int:
@@ -156,6 +180,13 @@ class Trainer:
         if self.ledger.finished:
             final = self.root / "final"
             log.info("this run already finished at step %d; its model is in %s", self.step, final)
+            why = self._early_stop_reason()
+            if why:
+                return self._outcome(
+                    "EarlyStopped",
+                    0,
+                    f"already stopped early at step {self.step}: {why}; model at {final}; nothing to do",
+                )
             return self._outcome(
                 "Completed", 0, f"already finished ({self.step} steps); model at {final}; nothing to do"
             )
@@ -181,6 +212,8 @@ class Trainer:
             if self._poll():
                 self.outcome = self._preempt()
                 return
+            if self._stopped_early():
+                break
             if self.step_in_epoch >= self.steps_per_epoch:
                 self._end_epoch()
                 continue
@@ -244,7 +277,7 @@ class Trainer:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _train_step(self) -> None:
-        stats = self.stepper.run(self._next_batch, self.step + 1)
+        stats = self.stepper.run(self._next_batch, self.step + 1, self.epoch)
         self.step += 1
         self.step_in_epoch += 1
         self._after_step(stats)
@@ -264,6 +297,9 @@ class Trainer:
         )
         self._drain_saves()
         self._write_progress()
+        every = self.cfg.evaluation.everySteps
+        if every and self.step % every == 0:
+            self._evaluate()  # epoch ends and the final step evaluate anyway (once per step)
         mid_epoch = self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps
         self._want_save = mid_epoch and self.ckpt.should_save(self.step)  # agreed on in _poll
 
@@ -272,7 +308,7 @@ class Trainer:
         self.epoch += 1
         self.step_in_epoch = 0
         self._iter = None
-        if self.step < self.total_steps:
+        if self.step < self.total_steps and not self._stopped_early():  # _finish saves then
             self._save(sync=False)
 
     def _save(self, sync: bool) -> None:
@@ -316,19 +352,24 @@ class Trainer:
         return model_mod.unwrap(self.model)
 
     def _evaluate(self) -> None:
+        """Evaluate once per step (every rank, same numbers); rank 0 writes eval/step-N.json and, when the
+        model is the best so far (checkpoint.best), exports it to best/."""
         if self.data.val is None or self.eval_step == self.step:
             return
-        t = self.cfg
+        c = self.cfg
         wrong = Misclassified(self.telemetry.eval_samples_wanted)
-        result = evaluate(
+        report = evaluate(
             self._eval_model(),
             self.data.val,
             self.rt,
-            t.training.batchSize,
-            t.data.numWorkers,
+            c.training.batchSize,
+            c.data.numWorkers,
             self._autocast,
+            classes=self.data.classes,
             misclassified=wrong,
+            channels_last=c.training.channelsLast,
         )
+        result = report.metrics()
         # The best so far travels in the checkpoint (self.metrics), so it spans attempts.
         result["eval_best_top1"] = max(result["eval_top1"], self.metrics.get("eval_best_top1", 0.0))
         bad = int(self._max_over_ranks(data_mod.bad_count(self.data.val)))
@@ -336,15 +377,68 @@ class Trainer:
             self._report_bad(self.data.val, bad, "val")
         self.metrics.update(result)
         self.eval_step = self.step
+        new_best = eval_mod.record(
+            self.metrics, report, self.step, c.checkpoint.best, c.training.earlyStopping
+        )
+        if eval_mod.BEST_METRIC in self.metrics:
+            result["eval_best_metric"] = float(self.metrics[eval_mod.BEST_METRIC])
+            result["eval_best_step"] = float(self.metrics[eval_mod.BEST_STEP])
         log.info(
             "eval at step %d (epoch %d): %s",
             self.step,
             self.epoch,
             {k: round(v, 4) for k, v in result.items()},
         )
+        if self.rt.rank == 0:
+            self._write_eval_report(report)
+            if new_best:
+                self._export_best()
+        self.scheduler.step_eval(result)
         self.telemetry.log_eval(self.step, result)
         self.telemetry.log_eval_samples(self.step, wrong)
         model_mod.set_train_mode(self.model, self.frozen)
+
+    def _write_eval_report(self, report: EvalReport) -> None:
+        """eval/step-N.json beside the checkpoints (a resume that redoes the step rewrites the same)."""
+        out = self.root / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / f"step-{self.step:08d}.json", report.to_doc(self.step, self.epoch))
+
+    def _export_best(self) -> None:
+        """best/: the model just evaluated, and best.json saying which evaluation it is. A kill between the
+        two leaves best.json one best behind until the resumed run redoes that step (same weights)."""
+        weights = self._export("best")
+        m = self.metrics
+        doc = {
+            "metric": m[eval_mod.BEST_NAME],
+            "value": m[eval_mod.BEST_METRIC],
+            "step": m[eval_mod.BEST_STEP],
+        }
+        write_json_atomic(weights.parent / "best.json", doc)
+        log.info("new best eval %s %.4f at step %d: model written to %s", *doc.values(), weights)
+
+    def _stopped_early(self) -> bool:
+        return eval_mod.early_stop_reached(self.metrics, self.cfg.training.earlyStopping)
+
+    def _early_stop_reason(self) -> str | None:
+        """Why the run ended before its last step (training.earlyStopping), or None when it did not."""
+        stop = self.cfg.training.earlyStopping
+        if stop is None or self.step >= self.total_steps or not self._stopped_early():
+            return None
+        return eval_mod.early_stop_reason(self.metrics, stop)
+
+    def _export(self, name: str) -> Path:
+        """The evaluated weights (EMA when on) as <root>/<name>/, loadable by timm (export.py)."""
+        pcfg = dict(getattr(model_mod.unwrap(self.model), "pretrained_cfg", {}) or {})
+        return export_final(
+            self.root / name,
+            self._eval_model().state_dict(),
+            self.cfg.model.name,
+            pcfg,
+            self.data.eval_cfg,
+            self.data.classes,
+            self.num_classes,
+        )
 
     # -- endings -------------------------------------------------------------------------------------
     def _preempt(self) -> Outcome:
@@ -365,6 +459,7 @@ class Trainer:
         return self._outcome("Preempted", 143, f"stopped by {sig} at step {self.step}; checkpoint saved")
 
     def _finish(self) -> Outcome:
+        """The last step or early stopping: evaluate, checkpoint, export final/, mark progress finished."""
         self._evaluate()
         if self.ckpt.last_saved_step != self.step:
             self._save(sync=True)
@@ -372,28 +467,29 @@ class Trainer:
         self._drain_saves()
         final = None
         if self.rt.rank == 0:
-            net = self._eval_model()
-            pcfg = dict(getattr(model_mod.unwrap(self.model), "pretrained_cfg", {}) or {})
-            final = export_final(
-                self.root / "final",
-                net.state_dict(),
-                self.cfg.model.name,
-                pcfg,
-                self.data.eval_cfg,
-                self.data.classes,
-                self.num_classes,
-            )
+            final = self._export("final")
             log.info("final model written to %s", final)
         if self.rt.distributed:
             dist.barrier()
         self._write_progress(finished=True)
         top1 = self.metrics.get("eval_top1")
         acc = f", eval top-1 {top1:.4f}" if top1 is not None else ""
-        return self._outcome(
-            "Completed", 0, f"finished {self.step} steps{acc}; model at {final or self.root / 'final'}"
-        )
+        where = f"model at {final or self.root / 'final'}"
+        why = self._early_stop_reason()
+        if why:
+            log.info("stopped early at step %d of %d: %s", self.step, self.total_steps, why)
+            return self._outcome("EarlyStopped", 0, f"stopped early at step {self.step}: {why}{acc}; {where}")
+        return self._outcome("Completed", 0, f"finished {self.step} steps{acc}; {where}")
 
     def _outcome(self, reason: str, code: int, message: str) -> Outcome:
+        m = self.metrics
+        last = None
+        if self.eval_step >= 0 and "eval_top1" in m:
+            last = {
+                "step": self.eval_step,
+                **{k: round(float(m[f"eval_{k}"]), 6) for k in ("top1", "top5", "loss")},
+            }
+        best = m.get(eval_mod.BEST_METRIC)
         return Outcome(
             reason=reason,
             exit_code=code,
@@ -404,6 +500,10 @@ class Trainer:
             checkpoint_step=self.checkpoint_step,
             lost_steps=self.lost_steps_total,
             message=message,
+            eval=last,
+            best_metric=round(float(best), 6) if best is not None else None,
+            best_metric_name=m.get(eval_mod.BEST_NAME),
+            best_step=int(m[eval_mod.BEST_STEP]) if best is not None else None,
         )
 
     def close(self, exit_code: int) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-EXIT_CODES = {"Completed": 0, "Preempted": 143, "InvalidConfig": 2, "Error": 1}
+EXIT_CODES = {"Completed": 0, "EarlyStopped": 0, "Preempted": 143, "InvalidConfig": 2, "Error": 1}
 
 
 @dataclass
@@ -25,9 +25,17 @@ class Outcome:
     lost_steps: int = 0
     bad_images: int = 0
     message: str = ""
+    eval: dict[str, float] | None = None
+    """The latest evaluation: step, top1, top5, loss."""
+    best_metric: float | None = None
+    """checkpoint.best: the best value of best_metric_name so far, its model in best/ (from best_step)."""
+    best_metric_name: str | None = None
+    best_step: int | None = None
 
     def termination_doc(self) -> dict[str, Any]:
-        """The one JSON line of the termination log (the kubelet copies it into the pod's status)."""
+        """The one JSON line of the termination log (the kubelet copies it into the pod's status; it keeps
+        4096 bytes, so every value here stays short). `eval` and the best* keys are null before the first
+        evaluation and without checkpoint.best."""
         return {
             "reason": self.reason,
             "step": self.step,
@@ -38,4 +46,8 @@ class Outcome:
             "lostSteps": self.lost_steps,
             "badImages": self.bad_images,
             "message": self.message,
+            "eval": self.eval,
+            "bestMetric": self.best_metric,
+            "bestMetricName": self.best_metric_name,
+            "bestStep": self.best_step,
         }

@@ -60,11 +60,12 @@ class Telemetry:
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         """After each optimizer step: loss, learning_rate, epoch, samples, samples_per_second; grad_norm
-        (before clipping) when training.gradClip is on; learning_rate/group<i> when there are several
-        parameter groups."""
+        (before clipping) when training.gradClip is on; learning_rate/group<i> when the parameter groups'
+        learning rates differ (layerDecay)."""
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
-        """After an evaluation: eval_loss, eval_top1, eval_top5, eval_best_top1 (the best top-1 so far)."""
+        """After an evaluation: eval_loss, eval_top1, eval_top5, eval_best_top1 (the best top-1 so far) and,
+        with checkpoint.best, eval_best_metric and eval_best_step (the model in best/)."""
 
     @property
     def eval_samples_wanted(self) -> int:

@@ -38,6 +38,14 @@ class PrometheusTelemetry(Telemetry):
         self.eval_accuracy = gauge(
             "kubetune_trainer_eval_accuracy", "Top-1 accuracy of the last evaluation (0-1)."
         )
+        self.eval_top5 = gauge("kubetune_trainer_eval_top5", "Top-5 accuracy of the last evaluation (0-1).")
+        self.best_metric = gauge(
+            "kubetune_trainer_best_metric",
+            "checkpoint.best: the best evaluated metric so far (the model in best/).",
+        )
+        self.best_step = gauge(
+            "kubetune_trainer_best_step", "checkpoint.best: the step of the model in best/."
+        )
         self.checkpoint_seconds = Histogram(
             "kubetune_trainer_checkpoint_seconds",
             "Seconds to write a checkpoint durably.",
@@ -108,7 +116,13 @@ class PrometheusTelemetry(Telemetry):
             self.gpu_memory.labels(**lab).set(torch.cuda.memory_allocated())
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
-        self.eval_accuracy.labels(**self._labels).set(metrics["eval_top1"])
+        lab = self._labels
+        self.eval_accuracy.labels(**lab).set(metrics["eval_top1"])
+        if "eval_top5" in metrics:
+            self.eval_top5.labels(**lab).set(metrics["eval_top5"])
+        if "eval_best_metric" in metrics:
+            self.best_metric.labels(**lab).set(metrics["eval_best_metric"])
+            self.best_step.labels(**lab).set(metrics["eval_best_step"])
 
     def bad_images(self, count: int) -> None:
         if count > self._bad_reported:

@@ -49,6 +49,7 @@ EVAL_TAGS = {
     "eval_top5": "eval/top5",
     "eval_loss": "eval/loss",
     "eval_best_top1": "eval/best_top1",
+    "eval_best_metric": "eval/best_metric",
 }
 HPARAM_METRICS = ("eval/top1", "eval/top5", "eval/loss", "eval/best_top1", "train/loss")
 GRID_IMAGES = 16
