@@ -607,8 +607,21 @@ STATUS = obj(
             {
                 "loss": number("Validation loss.", -1e30, 1e30),
                 "accuracy": number("Validation top-1 accuracy, 0..1.", 0, 1),
+                "top5": number(
+                    "Validation top-5 accuracy, 0..1 (top-k with k the class count below 5).", 0, 1
+                ),
             },
         ),
+        "bestMetric": number(
+            "checkpoint.best: the best evaluated value of bestMetricName so far; that model is in the checkpoint "
+            "volume's best/.",
+            -1e30,
+            1e30,
+        ),
+        "bestMetricName": enum(
+            "checkpoint.best.metric: which evaluation metric bestMetric is.", ["top1", "top5", "loss"]
+        ),
+        "bestStep": count("checkpoint.best: the optimizer step of the model in best/."),
         "wandb": obj(
             "The W&B run this job logs to.",
             {
@@ -628,6 +641,7 @@ COLUMNS = [
     ("Epoch", "integer", ".status.progress.epoch", "Current epoch.", 0),
     ("Step", "integer", ".status.progress.step", "Optimizer steps done.", 0),
     ("Checkpoint", "integer", ".status.checkpoint.step", "Step of the newest valid checkpoint.", 0),
+    ("Best", "number", ".status.bestMetric", "checkpoint.best: the best evaluated metric so far.", 0),
     ("Preemptions", "integer", ".status.preemptions", "Attempts ended by a disruption.", 0),
     ("Failures", "integer", ".status.failures", "Attempts ended by a trainer failure.", 0),
     ("Lost", "integer", ".status.lostSteps", "Steps lost to disruptions.", 1),

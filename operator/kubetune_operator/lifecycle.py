@@ -31,7 +31,7 @@ from kubetune_operator.pods import (
     TrainerReport,
     classify,
 )
-from kubetune_operator.status import FINISHED, fmt_time, format_eta, parse_time, set_phase
+from kubetune_operator.status import FINISHED, fmt_time, format_eta, parse_time, set_best, set_phase
 
 # Which disruption reason names a gang restart when several pods ended: the most specific cause wins.
 _REASON_RANK = (
@@ -59,6 +59,9 @@ class Progress:
     loss: float | None = None
     accuracy: float | None = None
     steps_per_second: float | None = None
+    top5: float | None = None
+    best_metric: float | None = None  # checkpoint.best: the model in best/
+    best_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -421,6 +424,13 @@ def _absorb_report(st: dict[str, Any], report: TrainerReport | None, now: dateti
             "path": report.checkpoint or "",
             "time": fmt_time(now),
         }
+    # The trainer's bestMetric/bestStep/bestMetricName, where pods.parse_report reads them.
+    set_best(
+        st,
+        report.best_metric,
+        report.best_step,
+        report.best_metric_name,
+    )
 
 
 def _absorb_progress(st: dict[str, Any], progress: Progress | None, now: datetime) -> None:
@@ -446,8 +456,11 @@ def _absorb_progress(st: dict[str, Any], progress: Progress | None, now: datetim
         metrics["loss"] = round(progress.loss, 5)
     if progress.accuracy is not None:
         metrics["accuracy"] = round(progress.accuracy, 5)
+    if progress.top5 is not None:
+        metrics["top5"] = round(progress.top5, 5)
     if not metrics:
         del st["metrics"]
+    set_best(st, progress.best_metric, progress.best_step)
 
 
 def _judge_attempt(
@@ -462,18 +475,7 @@ def _judge_attempt(
     others = [n for n in others if ends[n].outcome not in ENDED]
 
     if end.outcome == Outcome.SUCCEEDED:
-        st["completionTime"] = fmt_time(now)
-        prog = st.setdefault("progress", {})
-        if prog.get("totalSteps"):
-            prog["step"] = prog["totalSteps"]
-        prog["percent"] = 100
-        prog.pop("eta", None)
-        if pod.report and pod.report.lost_steps is not None:
-            st["lostSteps"] = max(int(st.get("lostSteps") or 0), pod.report.lost_steps)
-        msg = f"training finished in {attempt} attempt(s), {st['preemptions']} preemption(s), {st['failures']} failure(s)"
-        _mark(d, obs, "Succeeded", "Completed", msg)
-        d.events.append(Event("Normal", "Completed", msg))
-        _ttl(obs, d)
+        _succeed(obs, pod, d)
         return
     if end.outcome == Outcome.PERMANENT:
         d.failed = "InvalidConfig"
@@ -513,6 +515,34 @@ def _judge_attempt(
     if pod.waiting_reason in IMAGE_PULL_REASONS + CONFIG_WAIT_REASONS and pod.created:
         waited = (now - pod.created).total_seconds()
         d.requeue.append(max(1.0, settings.start_timeout_seconds - waited + 1))
+
+
+def _succeed(obs: Observed, pod: PodView, d: _Draft) -> None:
+    """The trainer exited 0: it trained to the end (Completed) or training.earlyStopping ended it."""
+    st, report = d.status, pod.report
+    st["completionTime"] = fmt_time(obs.now)
+    prog = st.setdefault("progress", {})
+    early = report is not None and report.reason == "EarlyStopped"
+    if early:
+        # Stopped before totalSteps: the step it stopped at stays (_absorb_report set it).
+        total, step = prog.get("totalSteps"), prog.get("step")
+        prog["percent"] = int(100 * int(step or 0) // int(total)) if total else 100
+    else:
+        if prog.get("totalSteps"):
+            prog["step"] = prog["totalSteps"]
+        prog["percent"] = 100
+    prog.pop("eta", None)
+    if report and report.lost_steps is not None:
+        st["lostSteps"] = max(int(st.get("lostSteps") or 0), report.lost_steps)
+    counts = f"in {st['attempt']} attempt(s), {st['preemptions']} preemption(s), {st['failures']} failure(s)"
+    if early:
+        assert report is not None
+        reason, msg = "EarlyStopped", f"training stopped early {counts}: {report.message}"
+    else:
+        reason, msg = "Completed", f"training finished {counts}"
+    _mark(d, obs, "Succeeded", reason, msg)
+    d.events.append(Event("Normal", reason, msg))
+    _ttl(obs, d)
 
 
 def _next_attempt(d: _Draft, due: datetime) -> None:

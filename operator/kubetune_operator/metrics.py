@@ -108,4 +108,7 @@ def parse_trainer_metrics(text: str) -> Progress | None:
         checkpoint_step=opt_int("kubetune_trainer_checkpoint_step"),
         loss=opt("kubetune_trainer_loss"),
         accuracy=opt("kubetune_trainer_eval_accuracy"),
+        top5=opt("kubetune_trainer_eval_top5"),
+        best_metric=opt("kubetune_trainer_best_metric"),
+        best_step=opt_int("kubetune_trainer_best_step"),
     )

@@ -43,6 +43,9 @@ class TrainerReport:
     checkpoint_step: int | None = None
     lost_steps: int | None = None
     message: str = ""
+    best_metric: float | None = None  # checkpoint.best: bestMetric, bestStep, bestMetricName
+    best_step: int | None = None
+    best_metric_name: str | None = None
 
 
 def parse_report(text: str | None) -> TrainerReport | None:
@@ -67,6 +70,13 @@ def parse_report(text: str | None) -> TrainerReport | None:
                 checkpoint_step=num("checkpointStep"),
                 lost_steps=num("lostSteps"),
                 message=str(doc.get("message") or ""),
+                best_metric=float(doc["bestMetric"])
+                if isinstance(doc.get("bestMetric"), (int, float))
+                else None,
+                best_step=num("bestStep"),
+                best_metric_name=doc.get("bestMetricName")
+                if isinstance(doc.get("bestMetricName"), str)
+                else None,
             )
     return None
 

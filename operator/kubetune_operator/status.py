@@ -91,6 +91,16 @@ def drop_condition(status: dict[str, Any], ctype: str) -> None:
         status["conditions"] = [c for c in status["conditions"] if c.get("type") != ctype]
 
 
+def set_best(status: dict[str, Any], value: float | None, step: int | None, name: str | None = None) -> None:
+    """status.bestMetric/bestStep(/bestMetricName): the model in best/ (checkpoint.best), as reported."""
+    if value is None or step is None:
+        return
+    status["bestMetric"] = round(float(value), 5)
+    status["bestStep"] = int(step)
+    if name:
+        status["bestMetricName"] = name
+
+
 def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any] | None:
     """A JSON merge patch turning `old` into `new`, or None when nothing changed (no write needed)."""
     if dict(old) == dict(new):

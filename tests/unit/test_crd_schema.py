@@ -273,6 +273,7 @@ def test_printer_columns_use_plain_status_fields(version: dict[str, Any], schema
         "Epoch",
         "Step",
         "Checkpoint",
+        "Best",
         "Preemptions",
         "Failures",
         "Lost",

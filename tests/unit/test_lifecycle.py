@@ -10,7 +10,7 @@ import pytest
 from kubetune_operator import lifecycle as lc
 from kubetune_operator import pods
 from kubetune_operator.api import parse_job
-from kubetune_operator.status import status_patch
+from kubetune_operator.status import get_condition, status_patch
 
 pytestmark = pytest.mark.unit
 
@@ -360,3 +360,43 @@ def test_missing_secret_shows_the_kubelets_reason_then_fails_after_the_start_tim
     assert p.requeue_after == pytest.approx(301)
     late = run(job, p.status, [replace(waiting, created=OLD)])
     assert late.status["failures"] == 1 and late.failed == "ContainerConfig"
+
+
+def test_early_stopped_is_a_success_with_its_own_reason():
+    job = make_job()
+    why = "stopped early at step 40: eval top1 did not improve in 3 evaluation(s)"
+    ended = pod(phase="Succeeded", exit_code=0, report=report("EarlyStopped", step=40, ckpt=40, message=why))
+    p = run(job, started(job), [ended])
+    st = p.status
+    assert st["phase"] == "Succeeded" and st["completionTime"]
+    cond = get_condition(st, "Succeeded")
+    assert cond is not None and cond["status"] == "True" and cond["reason"] == "EarlyStopped"
+    assert why in cond["message"] and why in st["message"]
+    # the step it stopped at, not totalSteps
+    assert st["progress"]["step"] == 40 and st["progress"]["percent"] == 40
+    assert [e.reason for e in p.events] == ["EarlyStopped"]
+    assert pods_created(p) == [] and p.failed is None and p.preempted is None
+
+
+def test_best_and_top5_from_scrape():
+    job = make_job()
+    prog = lc.Progress(step=30, total_steps=100, accuracy=0.8, top5=0.95, best_metric=0.8123456, best_step=20)
+    st = run(job, started(job), [pod()], progress=prog).status
+    assert st["metrics"] == {"accuracy": 0.8, "top5": 0.95}
+    assert (st["bestMetric"], st["bestStep"]) == (0.81235, 20)
+    # a scrape without an evaluation yet keeps what was known
+    again = run(job, st, [pod()], progress=lc.Progress(step=31, total_steps=100)).status
+    assert (again["bestMetric"], again["bestStep"]) == (0.81235, 20)
+
+
+def test_best_from_the_termination_message():
+    job = make_job()
+    message = (
+        '{"reason": "Completed", "step": 100, "totalSteps": 100, "bestMetric": 0.25, "bestStep": 60, '
+        '"bestMetricName": "loss"}'
+    )
+    end = pods.parse_report(message)
+    assert end is not None
+    st = run(job, started(job), [pod(phase="Succeeded", exit_code=0, report=end)]).status
+    assert (st["bestMetric"], st["bestStep"], st["bestMetricName"]) == (0.25, 60, "loss")
+    assert st["phase"] == "Succeeded" and get_condition(st, "Succeeded")["reason"] == "Completed"
