@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup test unit lint cluster-up cluster-down demo bench clean
+.PHONY: setup test unit lint cluster-up cluster-down demo bench gpu-check clean
 
 ## setup: install everything on a fresh machine (Debian packages, pinned Kubernetes binaries, .venv). Idempotent.
 setup:
@@ -40,6 +40,11 @@ demo: setup
 ## bench: run the benchmarks; JSON lands in bench/results/, a table is printed.
 bench: setup
 	$(PY) -m bench $(BENCH)
+
+## gpu-check: the one-call GPU check (throughput, checkpoint stall, bf16/fp16 resume, compile, NCCL); a tiny smoke on CPU.
+# No `setup` prerequisite: a GPU box may be offline; it only needs $(VENV) (or VENV=... / PY=...).
+gpu-check:
+	$(PY) -m bench gpu_check
 
 clean: cluster-down
 	rm -rf .cluster runs wandb

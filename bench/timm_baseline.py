@@ -6,17 +6,102 @@ restart, `timm.models.resume_checkpoint` then continue at the returned epoch. No
 state is restored. A kill mid-epoch is simulated in-process by dropping every object (as SIGKILL would) and
 rebuilding from the checkpoint file. kubetune's lost steps come from real SIGTERM/SIGKILL of `kubetune-train`
 (bench/preemption_lost_steps.py) and its throughput from the trainer driven in-process.
+
+Augmentation (keys `augment_*`): kubetune with data.augment = RECOMMENDED_AUGMENT against timm's own loader
+(`timm.data.create_loader(is_training=True)`, i.e. create_transform with the same settings, no prefetcher)
+on the same generated JPEG folder, step by step alternately; `augment_throughput_ratio` = kubetune steps/s
+/ timm steps/s (target >= 0.97). `augment_applied` says whether the trainer's training split really ran a
+random transform (false until data.augment is implemented: the ratio then compares against no augmentation).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 MODEL, IMAGE, BATCH, SAMPLES, EPOCHS, KILL_EPOCH, KILL_BATCH = "test_resnet", 32, 16, 256, 4, 2, 9
+AUG_STEPS, AUG_WARMUP, AUG_PER_CLASS, AUG_SOURCE_SIZE = 40, 4, 70, 48
+
+RECOMMENDED_AUGMENT: dict[str, Any] = {
+    "autoAugment": "rand-m9-mstd0.5-inc1",
+    "scale": [0.6, 1.0],
+    "reprob": 0.25,
+    "hflip": 0.0,
+}
+"""data.augment preset the docs recommend (hflip 0: fine for most data, and required for digits/text)."""
+
+
+def timm_augment_kwargs(augment: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """timm create_transform/create_loader(is_training=True) keywords for a data.augment spec (camelCase,
+    unset fields at their declared defaults) at the model's input_size, interpolation, mean and std."""
+    from kubetune_trainer.config import AugmentConfig
+    from kubetune_trainer.fields import default_of
+
+    a = {f.name: default_of(f) for f in dataclasses.fields(AugmentConfig)} | dict(augment)
+    return {
+        "input_size": tuple(data_cfg["input_size"]),
+        "scale": tuple(a["scale"]),
+        "ratio": tuple(a["ratio"]),
+        "hflip": a["hflip"],
+        "vflip": a["vflip"],
+        "color_jitter": a["colorJitter"] or None,  # timm skips it with an auto-augment policy anyway
+        "auto_augment": a["autoAugment"],
+        "interpolation": a["interpolation"] or data_cfg["interpolation"],
+        "mean": tuple(data_cfg["mean"]),
+        "std": tuple(data_cfg["std"]),
+        "re_prob": a["reprob"],
+        "re_mode": a["remode"],
+        "re_count": a["recount"],
+    }
+
+
+def patch_posterize_bits0() -> bool:
+    """Make timm's posterize give Pillow < 13's result for bits=0 (a black image) instead of raising.
+
+    timm's RandAugment "inc1" maps a magnitude clipped at 10 to posterize(bits=0); Pillow 13 raises
+    ValueError for it (about 1 sample in 2000 with RECOMMENDED_AUGMENT), which would end a throughput
+    run. Patched in-process only, for both sides alike; returns whether the patch was needed.
+    """
+    from PIL import Image, ImageOps
+    from timm.data import auto_augment
+
+    try:
+        ImageOps.posterize(Image.new("L", (1, 1)), 0)
+        return False
+    except ValueError:
+        pass
+    original = auto_augment.posterize
+
+    def posterize(img: Any, bits_to_keep: int, **kw: Any) -> Any:
+        return Image.new(img.mode, img.size) if bits_to_keep < 1 else original(img, bits_to_keep, **kw)
+
+    for name, fn in list(auto_augment.NAME_TO_OP.items()):
+        if fn is original:
+            auto_augment.NAME_TO_OP[name] = posterize
+    return True
+
+
+def write_image_folder(root: Path, classes: int, per_class: int, size: int, seed: int = 0) -> Path:
+    """<root>/<class>/<i>.jpg: smooth random colour fields tinted per class (JPEG, so loading decodes)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class_{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        tint = np.array([c * 25 % 256, (c * 85) % 256, (255 - c * 25) % 256], dtype=np.float32)
+        for i in range(per_class):
+            small = rng.integers(0, 256, (6, 6, 3)).astype(np.float32) * 0.6 + tint * 0.4
+            img = Image.fromarray(small.astype(np.uint8), mode="RGB").resize(
+                (size, size), Image.Resampling.BICUBIC
+            )
+            img.save(folder / f"{i:05d}.jpg", quality=90)
+    return root
 
 
 class TimmStyle:
@@ -117,6 +202,82 @@ def paired_throughput(workdir: Path) -> tuple[float, float]:
     return len(timm_times) / sum(timm_times), len(kt_times) / sum(kt_times)
 
 
+def paired_steps(
+    a: Callable[[], object], b: Callable[[], object], steps: int, warmup: int
+) -> tuple[float, float]:
+    """(a steps/s, b steps/s) over steps after `warmup`, alternating ABBA so load bursts hit both alike."""
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for i in range(steps):
+        for side in (0, 1) if i % 2 == 0 else (1, 0):
+            t0 = time.perf_counter()
+            (a if side == 0 else b)()
+            times[side].append(time.perf_counter() - t0)
+    return tuple((steps - warmup) / sum(times[s][warmup:]) for s in (0, 1))  # type: ignore[return-value]
+
+
+def augmented_throughput(workdir: Path) -> dict[str, Any]:
+    """kubetune with RECOMMENDED_AUGMENT vs timm's create_loader(is_training=True) with the same settings:
+    same model, JPEG folder, batch size, AdamW; kubetune checkpoints every 10 steps, timm per epoch (none
+    inside the window). Both load in-process (numWorkers 0), within one epoch."""
+    import timm
+    import torch
+    from timm.data import ImageDataset, create_loader, resolve_model_data_config
+
+    from kubetune_trainer import loop
+    from kubetune_trainer.config import parse_spec
+
+    shim = patch_posterize_bits0()  # before either side builds its transform
+    root = workdir / "jpegs"
+    write_image_folder(root / "train", 10, AUG_PER_CLASS, AUG_SOURCE_SIZE)
+    write_image_folder(root / "val", 10, 2, AUG_SOURCE_SIZE, seed=1)
+    spec = {
+        "model": {"name": MODEL},
+        "data": {"path": str(root), "imageSize": IMAGE, "numWorkers": 0, "augment": RECOMMENDED_AUGMENT},
+        "training": {"maxSteps": AUG_STEPS, "batchSize": BATCH},
+        "checkpoint": {"everySteps": 10},
+        "metrics": {"port": 0},
+    }
+    trainer = loop.Trainer(parse_spec(spec, name="bench-augment"), workdir / "kt-augment", loop.Runtime())
+    applied = bool(getattr(trainer.data.train, "augmented", False))
+    torch.manual_seed(0)
+    model = timm.create_model(MODEL, num_classes=10).train()
+    data_cfg = resolve_model_data_config(model) | {"input_size": (3, IMAGE, IMAGE)}
+    kwargs = timm_augment_kwargs(RECOMMENDED_AUGMENT, data_cfg)
+    loader = create_loader(
+        ImageDataset(str(root / "train")),
+        batch_size=BATCH,
+        is_training=True,
+        use_prefetcher=False,
+        num_workers=0,
+        persistent_workers=False,
+        **kwargs,
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    batches = iter(loader)
+
+    def timm_step() -> None:
+        x, y = next(batches)
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    kt_steps = trainer.steps()
+    kt_sps, timm_sps = paired_steps(lambda: next(kt_steps), timm_step, AUG_STEPS, AUG_WARMUP)
+    for _ in kt_steps:
+        pass
+    trainer.close(0)
+    return {
+        "augment_preset": ", ".join(f"{k}={v}" for k, v in RECOMMENDED_AUGMENT.items()),
+        "augment_applied": applied,
+        "augment_posterize_bits0_shim": shim,
+        "augment_timm_transform": ", ".join(f"{k}={v}" for k, v in kwargs.items()),
+        "augment_timm_steps_per_second": timm_sps,
+        "augment_kubetune_steps_per_second": kt_sps,
+        "augment_throughput_ratio": kt_sps / timm_sps,
+        "augment_target": ">= 0.97",
+    }
+
+
 def run() -> dict[str, Any]:
     import logging
 
@@ -142,6 +303,10 @@ def run() -> dict[str, Any]:
             torch.equal(a, b) for a, b in zip(ref.weights().values(), second.weights().values(), strict=True)
         )
         timm_sps, kubetune_sps = paired_throughput(Path(tmp))
+        try:
+            augmented = augmented_throughput(Path(tmp))
+        except Exception as e:  # a broken augmentation must not lose the keys above
+            augmented = {"augment_error": f"{type(e).__name__}: {e}"}
     kt = preemption_lost_steps.run()
     return {
         "model": MODEL,
@@ -157,6 +322,8 @@ def run() -> dict[str, Any]:
         "kubetune_sigterm_lost_steps": kt["sigterm_lost_steps"],
         "kubetune_every_steps": kt["every_steps"],
         "kubetune_resume_bitwise_equal": "yes (tests/trainer/test_exactness.py)",
+        "throughput_ratio": kubetune_sps / timm_sps,
+        **augmented,
     }
 
 
