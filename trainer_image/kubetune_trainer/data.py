@@ -61,25 +61,40 @@ def derived_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little")
 
 
+_PRESERVING = [0]
+"""Depth of preserved_rngs() blocks in this process: inside one, seeded_rngs() only seeds."""
+
+
+@contextlib.contextmanager
+def preserved_rngs() -> Iterator[None]:
+    """Restore the CPU torch, python `random` and numpy global RNG states after the block, however much
+    seeded_rngs() inside reseeds them (one save and restore for a whole batch: numpy's get/set_state alone
+    costs ~120 us, more than the seeding)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    _PRESERVING[0] += 1
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        _PRESERVING[0] -= 1
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
 @contextlib.contextmanager
 def seeded_rngs(seed: int) -> Iterator[None]:
     """Seed the CPU torch, python `random` and numpy global RNGs with `seed` for the block, so randomness
     inside (timm transforms, Mixup) is a function of `seed` alone. In the training process all three are
-    restored afterwards, so its own streams are untouched; a DataLoader worker's global RNGs serve only
-    these seeded blocks, so they are not restored there (numpy's get/set_state alone costs ~130 us, more
-    than the rest of the seeding). CUDA generators are neither seeded nor touched."""
-    if torch.utils.data.get_worker_info() is not None:
+    restored afterwards (by the enclosing preserved_rngs() block, if any), so its own streams are untouched;
+    a DataLoader worker's global RNGs serve only these seeded blocks, so they are not restored there.
+    CUDA generators are neither seeded nor touched."""
+    if _PRESERVING[0] or torch.utils.data.get_worker_info() is not None:
         _seed_all(seed)
         yield
         return
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
+    with preserved_rngs():
         _seed_all(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+        yield
 
 
 def _seed_all(seed: int) -> None:
@@ -160,6 +175,14 @@ class ImageListDataset(Dataset[tuple[torch.Tensor, int]]):
             f"seeded stand-ins tried for it all failed to decode ({failed[0][1]}); "
             f"remove or replace the broken files under data.path"
         )
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """A batch (the DataLoader's fetcher calls this): augmented samples in the training process share one
+        save and restore of the global RNGs (see preserved_rngs); each is still seeded on its own."""
+        if not self.augmented or torch.utils.data.get_worker_info() is not None:
+            return [self[i] for i in indices]
+        with preserved_rngs():
+            return [self[i] for i in indices]
 
     def _record(self, index: int, failed: list[tuple[int, Exception]], used: int | None) -> None:
         """Flag the images that failed; warn once about each of the split's first LOGGED_BAD."""
