@@ -178,6 +178,12 @@ def test_augment_needs_an_image_folder() -> None:
         parse_spec(spec)
 
 
+def test_a_policy_timm_cannot_parse_is_exit_2_naming_the_field(digits: Path, mcfg: dict[str, object]) -> None:
+    """timm asserts on an unknown section (rand-q9): that is a config error (exit 2), not a crash (exit 1)."""
+    with pytest.raises(ConfigError, match=r"^data\.augment\.autoAugment: timm cannot use 'rand-q9'"):
+        bundle(digits, mcfg, AugmentConfig(autoAugment="rand-q9"))
+
+
 # -- data.sampling: balanced ------------------------------------------------------------------------------
 IMBALANCED = [0] * 900 + [1] * 90 + [2] * 10
 

@@ -251,6 +251,15 @@ AUG = {"format": "imagefolder", "path": "/data/x"}
             "data.augment.remode: must be one of const, rand, pixel",
         ),
         ({"data": {"format": "synthetic", "augment": {}}}, "data.augment: needs data.format imagefolder"),
+        # timm silently skips a section without a number (the dx): refused here instead
+        (
+            {"data": {**AUG, "augment": {"autoAugment": "augmix-m5-w4-dx"}}},
+            "data.augment.autoAugment: 'augmix-m5-w4-dx' is not a timm policy string",
+        ),
+        (
+            {"data": {**AUG, "augment": {"autoAugment": "randaug-m9"}}},
+            "data.augment.autoAugment: 'randaug-m9' is not a timm policy string",
+        ),
         ({"data": {**AUG, "sampling": "weighted"}}, "data.sampling: must be one of uniform, balanced"),
         ({"data": AUG, "training": {"mixup": {"mode": "bach"}}}, "training.mixup.mode: .*did you mean batch"),
         (

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,11 @@ API_VERSION = "kubetune.io/v1alpha1"
 KIND = "FineTuneJob"
 INT32_MAX = 2**31 - 1
 BIG = 10**9
+
+
+AUTO_AUGMENT_PATTERN = r"^(rand|augmix|original|originalr|v0|v0r|3a)(-[a-z]+[0-9][0-9.]*)*$"
+"""timm's policy strings: a name, then `-<key><number>` sections (timm skips a section without a number
+silently, e.g. the `dx` of augmix-m5-w4-dx, so the trainer and the CRD refuse it)."""
 
 
 class ConfigError(ValueError):
@@ -127,7 +133,7 @@ class AugmentConfig:
         "original or v0 (AutoAugment). Unset: none.",
         RUN,
         maxLength=128,
-        pattern=r"^(rand|augmix|original|originalr|v0|v0r|3a)(-[A-Za-z0-9.]+)*$",
+        pattern=AUTO_AUGMENT_PATTERN,
     )
     reprob: float = spec_field(0.0, "Random erasing probability (after normalisation).", RUN, ge=0, le=1)
     remode: str = spec_field(
@@ -640,6 +646,16 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError("training.maxSteps: set either training.epochs or training.maxSteps, not both")
     if t.warmupSteps and t.warmupEpochs:
         raise ConfigError("training.warmupEpochs: set either warmupSteps or warmupEpochs, not both")
+    if (
+        d.augment is not None
+        and d.augment.autoAugment
+        and not re.match(AUTO_AUGMENT_PATTERN, d.augment.autoAugment)
+    ):
+        raise ConfigError(
+            f"data.augment.autoAugment: {d.augment.autoAugment!r} is not a timm policy string: a name (rand, "
+            "augmix, original, v0, ...) then -<key><number> sections, e.g. rand-m9-mstd0.5-inc1 or "
+            "augmix-m5-w4-d2"
+        )
     if d.augment is not None and d.format != "imagefolder":
         raise ConfigError(
             "data.augment: needs data.format imagefolder (synthetic samples are tensors, not images); "

@@ -398,6 +398,19 @@ def build_train_transform(eval_cfg: dict[str, Any], augment: AugmentConfig) -> A
     """
     from timm.data import create_transform
 
+    try:
+        return _train_transform(create_transform, eval_cfg, augment)
+    except (AssertionError, ValueError, KeyError, IndexError) as e:  # timm parses the policy string here
+        if augment.autoAugment is None:
+            raise
+        raise ConfigError(
+            f"data.augment.autoAugment: timm cannot use {augment.autoAugment!r} ({type(e).__name__}: {e}); "
+            "write a timm policy such as rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2 (AugMix), "
+            "original or v0 (AutoAugment), or remove it"
+        ) from e
+
+
+def _train_transform(create_transform: Any, eval_cfg: dict[str, Any], augment: AugmentConfig) -> Any:
     return create_transform(
         input_size=eval_cfg["input_size"],
         is_training=True,
