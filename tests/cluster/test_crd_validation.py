@@ -122,6 +122,20 @@ def test_defaults_are_filled_in_by_the_server(crd: Any, namespace: str) -> None:
     assert "epochs" not in spec["training"]
 
 
+def test_nested_objects_get_their_defaults_and_stay_off_when_absent(crd: Any, namespace: str) -> None:
+    """`augment: {}` means timm's defaults (the trainer reads the same); no augment means none."""
+    doc = manifest(spec_set("data.augment", {"autoAugment": "rand-m9-mstd0.5-inc1"}))
+    spec_set("checkpoint.best", {})(doc)
+    assert apply(crd, namespace, doc).returncode == 0
+    spec = get_job(crd, namespace)["spec"]
+    aug = spec["data"]["augment"]
+    assert aug["scale"] == [0.08, 1.0] and aug["hflip"] == 0.5 and aug["remode"] == "pixel"
+    assert aug["autoAugment"] == "rand-m9-mstd0.5-inc1" and "interpolation" not in aug
+    assert spec["checkpoint"]["best"] == {"metric": "top1"}
+    assert "mixup" not in spec["training"] and "earlyStopping" not in spec["training"]
+    assert spec["data"]["sampling"] == "uniform" and spec["evaluation"] == {"everySteps": 0}
+
+
 def test_null_optional_field_is_dropped(crd: Any, namespace: str) -> None:
     """`epochs: null` means unset (the trainer's None), not an error."""
     doc = manifest(spec_set("training.epochs", None))
@@ -176,8 +190,38 @@ INVALID: list[tuple[str, Callable[[dict[str, Any]], None], list[str]]] = [
     ),
     (
         "bad-enum",
-        spec_set("training.optimizer", "adam"),
-        ["spec.training.optimizer", 'Unsupported value: "adam"'],
+        spec_set("training.scheduler", "cosin"),
+        ["spec.training.scheduler", 'Unsupported value: "cosin"'],
+    ),
+    (
+        "optimizer-not-a-name",
+        spec_set("training.optimizer", "Adam W"),
+        ["spec.training.optimizer", "should match"],
+    ),
+    (
+        "augment-scale-one-number",
+        spec_set("data.augment", {"scale": [0.6]}),
+        ["spec.data.augment.scale", "at least 2 items"],
+    ),
+    (
+        "augment-scale-over-1",
+        spec_set("data.augment", {"scale": [0.6, 1.5]}),
+        ["spec.data.augment.scale[1]", "less than or equal to 1"],
+    ),
+    (
+        "augment-policy-section-without-number",
+        spec_set("data.augment", {"autoAugment": "augmix-m5-w4-dx"}),
+        ["spec.data.augment.autoAugment", "should match"],
+    ),
+    (
+        "mixup-bad-mode",
+        spec_set("training.mixup", {"mode": "bach"}),
+        ["spec.training.mixup.mode", 'Unsupported value: "bach"'],
+    ),
+    (
+        "early-stopping-patience-zero",
+        spec_set("training.earlyStopping", {"patience": 0}),
+        ["spec.training.earlyStopping.patience", "greater than or equal to 1"],
     ),
     (
         "batchSize-zero",
@@ -303,6 +347,8 @@ def job(crd: Any, namespace: str) -> str:
         ({"resources": {"gpus": 1}}, "spec.resources is immutable"),
         ({"image": "registry.example/kubetune-trainer:2"}, "spec.image is immutable"),
         ({"checkpoint": {"existingClaim": "other"}}, "spec.checkpoint.existingClaim is immutable"),
+        ({"checkpoint": {"best": {"metric": "loss"}}}, "spec.checkpoint.best is immutable"),
+        ({"evaluation": {"everySteps": 10}}, "spec.evaluation is immutable"),
         (
             {"wandb": {"project": "other"}},
             "spec.wandb.project is immutable: changing it would split the W&B run",
@@ -319,6 +365,8 @@ def job(crd: Any, namespace: str) -> str:
         "resources",
         "image",
         "claim",
+        "best",
+        "evaluation",
         "wandb",
     ],
 )
@@ -390,7 +438,10 @@ STATUS = {
         "pod": "job-a2-w0",
         "message": "preempted by a higher-priority pod",
     },
-    "metrics": {"loss": 1.25, "accuracy": 0.5},
+    "metrics": {"loss": 1.25, "accuracy": 0.5, "top5": 0.875},
+    "bestMetric": 0.625,
+    "bestStep": 60,
+    "bestMetricName": "top1",
     "wandb": {"runId": "abc123"},
     "conditions": [
         {
@@ -441,11 +492,12 @@ def test_printer_columns(crd: Any, job: str) -> None:
         "EPOCH",
         "STEP",
         "CHECKPOINT",
+        "BEST",
         "PREEMPTIONS",
         "FAILURES",
         "AGE",
     ]
-    assert row.split()[:8] == ["job", "Running", "45", "1", "90", "80", "2", "1"]
+    assert row.split()[:9] == ["job", "Running", "45", "1", "90", "80", "0.625", "2", "1"]
     header, row = crd.kubectl("get", "ftj", "-n", job, "-o", "wide").stdout.splitlines()
     assert header.split()[-2:] == ["LOST", "AGE"]
     assert row.split()[-2] == "17"
