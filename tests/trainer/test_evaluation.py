@@ -140,6 +140,55 @@ def test_best_without_a_validation_split_is_a_config_error(tmp_path: Path) -> No
         Trainer(c.parse_spec(spec), tmp_path, Runtime())
 
 
+@pytest.mark.parametrize("section", ["checkpoint", "training"])
+def test_top5_with_five_classes_or_fewer_is_a_config_error(tmp_path: Path, section: str) -> None:
+    """top-5 of 5 classes is always 1: early stopping would stop after `patience` evaluations whatever
+    the training does, and best/ would keep the first model."""
+    from kubetune_trainer.loop import Trainer
+
+    key = {"checkpoint": "best", "training": "earlyStopping"}[section]
+    spec = tiny_spec(model={"numClasses": 5}, **{section: {key: {"metric": "top5"}}})
+    with pytest.raises(c.ConfigError, match=rf"{section}\.{key}\.metric: top5 is always 1 with 5 classes"):
+        Trainer(c.parse_spec(spec), tmp_path, Runtime())
+
+
+def test_a_non_finite_metric_never_improves_nor_pins_the_best() -> None:
+    nan, inf = float("nan"), float("inf")
+    assert not eval_mod.improves(nan, None, "min") and not eval_mod.improves(inf, None, "min")
+    assert not eval_mod.improves(nan, 0.5, "max")
+    assert eval_mod.improves(0.7, 0.5, "max") and eval_mod.improves(0.2, None, "min")
+
+
+def test_a_stop_right_after_the_last_step_keeps_its_evaluation_in_the_checkpoint(tmp_path: Path) -> None:
+    """SIGTERM between the last step and its evaluation checkpoints that step without the evaluation; the
+    resumed attempt evaluates it and must save the step again, or a later extension (more maxSteps) would
+    continue without that evaluation's best, early-stopping count and plateau state."""
+    from kubetune_trainer.loop import Trainer
+    from kubetune_trainer.stop import STOP
+
+    spec = tiny_spec(training={"maxSteps": 5}, checkpoint={"everySteps": 0, "best": {"metric": "loss"}})
+    cfg = c.parse_spec(spec)
+    first = Trainer(cfg, tmp_path, Runtime())
+    steps = first.steps()
+    try:
+        for step in steps:
+            if step == 5:
+                STOP.set()  # as the SIGTERM handler does, after the last step's update
+        assert first.outcome is not None and first.outcome.reason == "Preempted"
+    finally:
+        STOP.clear()
+        first.close(143)
+    saved = torch.load(tmp_path / "checkpoints" / "step-00000005.pt", weights_only=False)
+    assert saved["step"] == 5 and saved["eval_step"] != 5  # stopped before evaluating
+    second = Trainer(cfg, tmp_path, Runtime())
+    try:
+        assert second.run().reason == "Completed"
+    finally:
+        second.close(0)
+    saved = torch.load(tmp_path / "checkpoints" / "step-00000005.pt", weights_only=False)
+    assert saved["eval_step"] == 5 and saved["metrics"][eval_mod.BEST_STEP] == 5
+
+
 # -- through the CLI --------------------------------------------------------------------------------------
 
 EVERY = 4

@@ -20,9 +20,15 @@ from torch import nn
 from torch._dynamo import OptimizedModule
 
 from kubetune_trainer import cli
-from kubetune_trainer.components import Schedule, build_components, build_optimizer, check_optimizer
+from kubetune_trainer.components import (
+    Schedule,
+    build_components,
+    build_optimizer,
+    check_optimizer,
+    check_optimizer_args,
+)
 from kubetune_trainer.config import ConfigError, TrainingConfig
-from kubetune_trainer.model import compile_model, freeze, memory_format, place, unwrap
+from kubetune_trainer.model import compile_model, freeze, match_state_layout, memory_format, place, unwrap
 from kubetune_trainer.runtime import Runtime
 from kubetune_trainer.step import StepRunner
 
@@ -123,7 +129,8 @@ def test_betas_and_eps_reach_the_optimizer_only_when_set() -> None:
     assert all(g["betas"] == (0.8, 0.99) and g["eps"] == 1e-6 for g in opt.param_groups)
     default = build_optimizer(resnet(), cfg(optimizer="adamw"))
     assert all(g["betas"] == (0.9, 0.999) and g["eps"] == 1e-8 for g in default.param_groups)
-    build_optimizer(resnet(), cfg(optimizer="sgd", betas=(0.8, 0.99), eps=1e-6))  # timm drops them
+    with pytest.raises(ConfigError, match=r"training\.betas: sgd has no betas"):  # timm would drop them
+        build_optimizer(resnet(), cfg(optimizer="sgd", betas=(0.8, 0.99), eps=1e-6))
 
 
 def test_unknown_optimizer_is_a_config_error_naming_close_matches() -> None:
@@ -144,7 +151,7 @@ def _unavailable(name: str) -> str | None:
     try:
         check_optimizer(name)
     except ConfigError as e:
-        assert isinstance(e.__cause__, ImportError | AssertionError), e
+        assert "second-order" in str(e) or isinstance(e.__cause__, ImportError | AssertionError), e
         return str(e)
     return None
 
@@ -189,7 +196,60 @@ def test_unknown_optimizer_exits_2_before_the_data_is_read(
     assert "training.optimizer: 'adamww' is not a timm optimizer; closest: adamw" in term["message"]
 
 
+def test_second_order_optimizers_are_refused_before_they_fail_at_the_first_step() -> None:
+    with pytest.raises(ConfigError, match=r"training\.optimizer: adahessian is a second-order optimizer"):
+        check_optimizer("adahessian")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"optimizer": "sgd", "betas": [0.9, 0.99]}, "training.betas: sgd has no betas"),
+        ({"optimizer": "lion", "eps": 1e-8}, "training.eps: lion has no epsilon"),
+        ({"optimizer": "adan", "betas": [0.9, 0.99]}, r"training.betas: adan takes 3 betas"),
+    ],
+)
+def test_betas_and_eps_an_optimizer_would_drop_are_refused(fields: dict[str, Any], message: str) -> None:
+    """timm pops them without a word when the optimizer has none."""
+    with pytest.raises(ConfigError, match=message):
+        check_optimizer_args(cfg(**fields))
+    check_optimizer_args(cfg(optimizer="adamw", betas=[0.9, 0.99], eps=1e-7))
+
+
 # -- EMA, channels_last --------------------------------------------------------------------------------
+def test_loaded_optimizer_state_gets_the_parameters_channels_last_layout() -> None:
+    """A checkpoint stores tensors contiguous; Lamb's norms over its moments sum in memory order, so a
+    resumed channels_last run needs them back in the parameter's layout to stay bitwise equal."""
+    model = place(resnet(), torch.device("cpu"), True)
+    opt = build_optimizer(model, cfg(optimizer="lamb", channelsLast=True))
+    train_step(model, opt, 0)
+    conv = next(p for p in model.parameters() if p.dim() == 4)
+    assert opt.state[conv]["exp_avg"].stride() == conv.stride()
+    state = {k: v for k, v in opt.state_dict().items()}
+    state["state"] = {i: {k: v.contiguous() for k, v in st.items()} for i, st in state["state"].items()}
+    opt.load_state_dict(state)
+    assert opt.state[conv]["exp_avg"].stride() != conv.stride()
+    before = {id(p): {k: v.clone() for k, v in st.items()} for p, st in opt.state.items()}
+    match_state_layout(opt)
+    assert opt.state[conv]["exp_avg"].stride() == conv.stride()
+    assert all(opt.state[p][k].equal(v) for p in opt.state for k, v in before[id(p)].items())
+
+
+@pytest.mark.trainer
+@pytest.mark.slow
+def test_channels_last_lamb_run_resumed_after_sigterm_is_bitwise_equal(
+    job_factory: Callable[..., Job],
+) -> None:
+    spec = tiny_spec(training={"maxSteps": 10, "optimizer": "lamb", "channelsLast": True})
+    ref = job_factory(spec, "ref")
+    assert ref.run() == 0, ref.log_text()
+    job = job_factory(spec, "cl")
+    proc = job.start()
+    assert job.interrupt_at(proc, 4, signal.SIGTERM) == 143, job.log_text()
+    assert job.run() == 0, job.log_text()
+    assert job.final_bytes() == ref.final_bytes()
+
+
 def test_ema_decay_reaches_model_ema() -> None:
     parts = build_components(resnet(), cfg(ema=True, emaDecay=0.99), 10, "fp32", 5)
     assert parts.ema is not None and parts.ema.decay == 0.99

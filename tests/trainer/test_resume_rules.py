@@ -136,3 +136,25 @@ def test_a_terminal_gets_a_live_progress_bar(job_factory: Callable[..., Job]) ->
     assert proc.wait(timeout=30) == 0
     text = out.decode(errors="replace")
     assert "train" in text and "step 30/30 (100%)" in text and "\x1b[" in text, text[-2000:]
+
+
+def test_a_checkpoint_of_another_recipe_or_timm_is_refused_by_name() -> None:
+    """Checkpoints of the trainer before timm's param groups and schedulers (recipe 1) cannot continue
+    here; one written under another timm release cannot either when its augmentation or mixup drew from
+    timm's code (elsewhere only a warning: the numbers may differ in their last bits)."""
+    from kubetune_trainer import config as cfg_mod
+    from kubetune_trainer.ledger import RECIPE_VERSION, _version_mismatch, trainer_versions
+
+    plain = cfg_mod.parse_spec(tiny_spec())
+    now = trainer_versions()
+    assert now["recipe"] == RECIPE_VERSION and _version_mismatch(now, plain) is None
+    why = _version_mismatch({}, plain)  # written before versions were recorded: recipe 1
+    assert why is not None and why.startswith(
+        "image: the checkpoint was written by a trainer with training recipe v1"
+    )
+    assert "new metadata.name" in why
+    other = {"recipe": RECIPE_VERSION, "timm": "0.9.16"}
+    assert _version_mismatch(other, plain) is None
+    mixed = cfg_mod.parse_spec(tiny_spec(training={"mixup": {}}))
+    why = _version_mismatch(other, mixed)
+    assert why is not None and "timm 0.9.16 wrote the checkpoint" in why and "training.mixup" in why

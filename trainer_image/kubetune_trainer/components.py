@@ -42,7 +42,7 @@ def check_optimizer(name: str) -> None:
     """ConfigError (exit 2) unless timm can build optimizer `name` here: a name in
     timm.optim.list_optimizers(), optionally as lookahead_<name>, whose class imports on this machine.
     Cheap, so the trainer calls it before it reads any data."""
-    from timm.optim import get_optimizer_class, list_optimizers
+    from timm.optim import get_optimizer_class, get_optimizer_info, list_optimizers
 
     known = [str(n) for n in list_optimizers()]
     # timm reads only the last "_" part as the name (x_adamw would silently be adamw); lookahead_ is the
@@ -58,6 +58,25 @@ def check_optimizer(name: str) -> None:
         get_optimizer_class(base, bind_defaults=False)
     except (ImportError, AssertionError) as e:  # apex and bitsandbytes ones: a missing package or no CUDA
         raise ConfigError(f"training.optimizer: {name} cannot be used here: {e}") from e
+    if get_optimizer_info(base).second_order:
+        raise ConfigError(
+            f"training.optimizer: {name} is a second-order optimizer (it needs backward(create_graph=True)), "
+            "which the trainer's step does not do; choose a first-order one such as adamw, lamb or sgd"
+        )
+
+
+def check_optimizer_args(t: TrainingConfig) -> None:
+    """ConfigError when training.betas or training.eps is set for an optimizer without them (timm would
+    drop the value without a word)."""
+    from timm.optim import get_optimizer_info
+
+    info = get_optimizer_info(t.optimizer.removeprefix("lookahead_"))
+    if t.betas is not None and not info.has_betas:
+        raise ConfigError(f"training.betas: {t.optimizer} has no betas; remove training.betas")
+    if t.betas is not None and len(t.betas) != info.num_betas:
+        raise ConfigError(f"training.betas: {t.optimizer} takes {info.num_betas} betas, got {list(t.betas)}")
+    if t.eps is not None and not info.has_eps:
+        raise ConfigError(f"training.eps: {t.optimizer} has no epsilon; remove training.eps")
 
 
 def build_optimizer(model: nn.Module, t: TrainingConfig) -> torch.optim.Optimizer:
@@ -70,6 +89,7 @@ def build_optimizer(model: nn.Module, t: TrainingConfig) -> torch.optim.Optimize
     from timm.optim import create_optimizer_v2
 
     check_optimizer(t.optimizer)
+    check_optimizer_args(t)
     extra: dict[str, Any] = {}
     if t.betas is not None:
         extra["betas"] = tuple(t.betas)

@@ -242,7 +242,10 @@ def best_mode(metric: str, mode: str | None) -> str:
 
 
 def improves(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
-    """Whether `value` beats `best` by more than `min_delta` (any value beats no best)."""
+    """Whether `value` beats `best` by more than `min_delta` (any finite value beats no best; NaN or inf,
+    e.g. a diverged fp16 run's loss, never improves, so it can neither become the best nor pin it)."""
+    if not math.isfinite(value):
+        return False
     if best is None:
         return True
     return value - min_delta > best if mode == "max" else value + min_delta < best

@@ -33,6 +33,43 @@ def _from_rank0(rt: Runtime, value: Any) -> Any:
     return box[0]
 
 
+RECIPE_VERSION = 2
+"""What the trainer does with a spec: 1 had one parameter group (weight decay on every parameter) and its
+own LR schedule; 2 uses timm's optimizer param groups and schedulers. A checkpoint of another version
+cannot continue here (its optimizer state does not fit, or the run would change meaning midway)."""
+
+
+def trainer_versions() -> dict[str, Any]:
+    """Recorded in every checkpoint: the recipe version and the timm release (its augmentation, mixup and
+    optimizer code decide the numbers)."""
+    import timm
+
+    return {"recipe": RECIPE_VERSION, "timm": str(timm.__version__)}
+
+
+def _version_mismatch(saved: dict[str, Any], cfg: JobConfig) -> str | None:
+    fix = (
+        "start a new run (a new metadata.name, or a new --checkpoint-dir), or resume with the trainer image "
+        "that wrote the checkpoint (spec.image)"
+    )
+    recipe = saved.get("recipe", 1)
+    if recipe != RECIPE_VERSION:
+        return (
+            f"image: the checkpoint was written by a trainer with training recipe v{recipe}, this one is "
+            f"v{RECIPE_VERSION} (timm's optimizer param groups and schedulers); continuing would change the "
+            f"run midway; {fix}"
+        )
+    now = trainer_versions()["timm"]
+    if saved.get("timm") not in (None, now):
+        what = f"timm {saved['timm']} wrote the checkpoint, this image has timm {now}"
+        if cfg.data.augment is not None or cfg.training.mixup is not None:
+            return (
+                f"image: {what}; data.augment and training.mixup draw their randomness in timm's code; {fix}"
+            )
+        log.warning("%s: the resumed run may differ in its last bits from an uninterrupted one", what)
+    return None
+
+
 class ResumeLedger:
     """Progress across attempts; `open()` once at start, `write()` after every step (rank 0 writes)."""
 
@@ -95,6 +132,8 @@ class ResumeLedger:
         self, state: dict[str, Any], cfg: JobConfig, classes: list[str], train_size: int, total: int
     ) -> None:
         why, applied = resume_changes(state["spec"], cfg)
+        if why is None:
+            why = _version_mismatch(state.get("trainer") or {}, cfg)
         if why is None and state["classes"] != classes:
             why = f"data.path: classes changed since the checkpoint ({state['classes']} -> {classes})"
         if why is None and state["train_size"] != train_size:

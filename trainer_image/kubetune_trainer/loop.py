@@ -29,11 +29,17 @@ from kubetune_trainer import evaluate as eval_mod
 from kubetune_trainer import model as model_mod
 from kubetune_trainer import telemetry
 from kubetune_trainer.checkpoint import Checkpointer, write_json_atomic
-from kubetune_trainer.components import build_components, build_sampler, check_optimizer, resolve_precision
+from kubetune_trainer.components import (
+    build_components,
+    build_sampler,
+    check_optimizer,
+    check_optimizer_args,
+    resolve_precision,
+)
 from kubetune_trainer.config import ConfigError, JobConfig
 from kubetune_trainer.evaluate import EvalReport, Misclassified, evaluate
 from kubetune_trainer.export import export_final
-from kubetune_trainer.ledger import ResumeLedger
+from kubetune_trainer.ledger import ResumeLedger, trainer_versions
 from kubetune_trainer.outcome import Outcome
 from kubetune_trainer.runtime import (
     Runtime,
@@ -76,6 +82,7 @@ class Trainer:
     # -- setup ---------------------------------------------------------------------------------------
     def _setup(self) -> None:
         check_optimizer(self.cfg.training.optimizer)  # exit 2 on a bad name before any data is read
+        check_optimizer_args(self.cfg.training)
         cfg, t = self.cfg, self.cfg.training
         seed_everything(t.seed, self.deterministic)
         mdata = model_mod.data_config(cfg.model.name)
@@ -118,16 +125,23 @@ class Trainer:
 
     def _check_val_split(self) -> None:
         """checkpoint.best and training.earlyStopping act on evaluations: without a split they never would."""
-        if self.data.val is not None:
-            return
         for path, value in (
             ("training.earlyStopping", self.cfg.training.earlyStopping),
             ("checkpoint.best", self.cfg.checkpoint.best),
         ):
-            if value is not None:
+            if value is not None and self.data.val is None:
                 raise ConfigError(
                     f"{path}: needs a validation split, and this data has none; set data.valFraction above "
                     f"0 (or add a val/ folder), or remove {path}"
+                )
+        for path, watched in (
+            ("training.earlyStopping.metric", self.cfg.training.earlyStopping),
+            ("checkpoint.best.metric", self.cfg.checkpoint.best),
+        ):
+            if watched is not None and watched.metric == "top5" and self.num_classes <= 5:
+                raise ConfigError(
+                    f"{path}: top5 is always 1 with {self.num_classes} classes, so it can never improve; "
+                    "watch top1 or loss"
                 )
 
     @property
@@ -137,6 +151,7 @@ class Trainer:
     def _load_state(self, s: dict[str, Any]) -> None:
         model_mod.unwrap(self.model).load_state_dict(s["model"])
         self.optimizer.load_state_dict(s["optimizer"])
+        model_mod.match_state_layout(self.optimizer)  # channels_last moments, as an uninterrupted run has
         self.scheduler.load_state_dict(s["scheduler"])
         self.scaler.load_state_dict(s["scaler"])
         if self.ema is not None:
@@ -166,6 +181,7 @@ class Trainer:
             "world_size": self.rt.world_size,
             "wandb_run_id": self.ledger.run_id,
             "metrics": dict(self.metrics),
+            "trainer": trainer_versions(),
         }
 
     def _write_progress(self, finished: bool = False) -> None:
@@ -460,8 +476,12 @@ class Trainer:
 
     def _finish(self) -> Outcome:
         """The last step or early stopping: evaluate, checkpoint, export final/, mark progress finished."""
+        evaluated = self.eval_step
         self._evaluate()
-        if self.ckpt.last_saved_step != self.step:
+        # Also re-save the step when this evaluation is new (a SIGTERM right after the last step saved it
+        # before evaluating): the checkpoint must hold the evaluation, the best so far and plateau's state,
+        # or an extended resume (more epochs/maxSteps) would continue from a state without them.
+        if self.ckpt.last_saved_step != self.step or self.eval_step != evaluated:
             self._save(sync=True)
         self.ckpt.wait()
         self._drain_saves()

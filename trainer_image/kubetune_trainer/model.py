@@ -346,3 +346,21 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give loaded optimizer state tensors their parameter's memory layout (channels_last conv weights).
+
+    A checkpoint stores tensors contiguous; an uninterrupted run keeps its moments in the parameter's
+    layout (zeros_like), and a reduction over them (Lamb's and LARS' norms) sums in memory order, so the
+    layout must match for a resumed run to stay bitwise equal."""
+    for param, state in optimizer.state.items():
+        if not isinstance(param, torch.Tensor):
+            continue
+        for key, value in state.items():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.shape == param.shape
+                and value.stride() != param.stride()
+            ):
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
