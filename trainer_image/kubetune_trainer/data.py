@@ -399,7 +399,22 @@ def build_train_transform(eval_cfg: dict[str, Any], augment: AugmentConfig) -> A
     from timm.data import create_transform
 
     try:
-        return _train_transform(create_transform, eval_cfg, augment)
+        return create_transform(
+            input_size=eval_cfg["input_size"],
+            is_training=True,
+            scale=(augment.scale[0], augment.scale[1]),
+            ratio=(augment.ratio[0], augment.ratio[1]),
+            hflip=augment.hflip,
+            vflip=augment.vflip,
+            color_jitter=augment.colorJitter,
+            auto_augment=augment.autoAugment,
+            interpolation=augment.interpolation or eval_cfg["interpolation"],
+            mean=eval_cfg["mean"],
+            std=eval_cfg["std"],
+            re_prob=augment.reprob,
+            re_mode=augment.remode,
+            re_count=augment.recount,
+        )
     except (AssertionError, ValueError, KeyError, IndexError) as e:  # timm parses the policy string here
         if augment.autoAugment is None:
             raise
@@ -408,25 +423,6 @@ def build_train_transform(eval_cfg: dict[str, Any], augment: AugmentConfig) -> A
             "write a timm policy such as rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2 (AugMix), "
             "original or v0 (AutoAugment), or remove it"
         ) from e
-
-
-def _train_transform(create_transform: Any, eval_cfg: dict[str, Any], augment: AugmentConfig) -> Any:
-    return create_transform(
-        input_size=eval_cfg["input_size"],
-        is_training=True,
-        scale=(augment.scale[0], augment.scale[1]),
-        ratio=(augment.ratio[0], augment.ratio[1]),
-        hflip=augment.hflip,
-        vflip=augment.vflip,
-        color_jitter=augment.colorJitter,
-        auto_augment=augment.autoAugment,
-        interpolation=augment.interpolation or eval_cfg["interpolation"],
-        mean=eval_cfg["mean"],
-        std=eval_cfg["std"],
-        re_prob=augment.reprob,
-        re_mode=augment.remode,
-        re_count=augment.recount,
-    )
 
 
 def build_datasets(
