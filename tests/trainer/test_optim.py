@@ -264,7 +264,7 @@ def test_channels_last_puts_the_weights_and_the_inputs_in_channels_last() -> Non
     model.register_forward_pre_hook(
         lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
     )
-    runner = StepRunner(model, build_components(model, t, 4, "fp32", 4), t, Runtime(), "fp32")
+    runner = StepRunner(model, build_components(model, t, 4, "fp32", 4), t, Runtime(), "fp32", 3)
     runner.run(lambda: batch(), 1)
     assert seen == [True]
     plain = resnet(seed=1)

@@ -103,7 +103,7 @@ class Trainer:
         # After DDP, as PyTorch documents (DDPOptimizer splits the graph at DDP's bucket boundaries so the
         # all-reduces overlap the backward); optimizer, EMA and checkpoints use the eager module (unwrap).
         self.model = model_mod.compile_model(self.model, t.compile)
-        self.stepper = StepRunner(self.model, parts, t, self.rt, self.precision)
+        self.stepper = StepRunner(self.model, parts, t, self.rt, self.precision, self.num_classes)
         self._autocast = self.stepper.autocast
         self.ckpt = Checkpointer(self.root, cfg.checkpoint, writer=self.rt.rank == 0)
         self.optimizer.register_step_pre_hook(lambda *_: self.ckpt.wait_copied())

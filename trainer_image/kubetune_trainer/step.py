@@ -21,11 +21,18 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class StepRunner:
-    def __init__(self, model: nn.Module, parts: Components, t: TrainingConfig, rt: Runtime, precision: str):
+    def __init__(
+        self,
+        model: nn.Module,
+        parts: Components,
+        t: TrainingConfig,
+        rt: Runtime,
+        precision: str,
+        num_classes: int,
+    ):
         self.model, self.parts, self.t, self.rt, self.precision = model, parts, t, rt, precision
         self.device = torch.device(rt.device)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        num_classes = int(getattr(model_mod.unwrap(model), "num_classes", 0))
         self.mixer = mixing.build_mixer(t, num_classes, rt.rank)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
