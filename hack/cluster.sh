@@ -6,6 +6,7 @@
 #   hack/cluster.sh up       start (no-op when already healthy; cleans up after a crash), print KUBECONFIG
 #   hack/cluster.sh down     stop every process by PID (TERM, then KILL) and delete the state directory
 #   hack/cluster.sh status   exit 0 when every component runs and the apiserver is ready
+#   hack/cluster.sh apiserver stop|start   stop or start only the apiserver (a test hook for watch gaps)
 #
 # Environment (all optional):
 #   KUBETUNE_CLUSTER_DIR        state directory (default <repo>/.cluster): certs, kubeconfig, logs, pids
@@ -233,6 +234,27 @@ real_node() {
   KUBETUNE_CLUSTER_DIR=$DIR bash "$HACK/real-node.sh" "$1"
 }
 
+# The apiserver alone: `up` starts it, and `apiserver stop|start` (a test hook) makes a watch gap.
+start_apiserver() {
+  # A real kubelet reports its node name as a Hostname address, which does not resolve here.
+  [[ ${KUBETUNE_REAL_NODE:-0} != 1 ]] ||
+    local KUBETUNE_EXTRA_ARGS_KUBE_APISERVER="--kubelet-preferred-address-types=InternalIP,Hostname ${KUBETUNE_EXTRA_ARGS_KUBE_APISERVER:-}"
+  start kube-apiserver \
+    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
+    --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
+    --client-ca-file "$PKI/ca.crt" \
+    --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt" \
+    --kubelet-client-key "$PKI/apiserver-kubelet-client.key" \
+    --service-account-issuer https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
+    --service-cluster-ip-range "$SERVICE_CIDR" \
+    --authorization-mode Node,RBAC \
+    --enable-admission-plugins NamespaceLifecycle,LimitRanger,ServiceAccount,DefaultStorageClass,DefaultTolerationSeconds,Priority,PodSecurity,NodeRestriction,TaintNodesByCondition,ResourceQuota,StorageObjectInUseProtection,PersistentVolumeClaimResize,RuntimeClass,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ValidatingAdmissionPolicy \
+    --allow-privileged=true --profiling=false --event-ttl 1h --v 1
+  wait_until kube-apiserver readyz
+}
+
 up() {
   local t0=$SECONDS
   if healthy; then
@@ -260,9 +282,6 @@ up() {
     }
   done
   gen_pki
-  # A real kubelet reports its node name as a Hostname address, which does not resolve here.
-  [[ ${KUBETUNE_REAL_NODE:-0} != 1 ]] ||
-    KUBETUNE_EXTRA_ARGS_KUBE_APISERVER="--kubelet-preferred-address-types=InternalIP,Hostname ${KUBETUNE_EXTRA_ARGS_KUBE_APISERVER:-}"
 
   start etcd --name kubetune --data-dir "$DIR/etcd" \
     --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
@@ -272,20 +291,7 @@ up() {
     --unsafe-no-fsync --quota-backend-bytes 4294967296 --log-level warn
   wait_until etcd etcd_healthy
 
-  start kube-apiserver \
-    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
-    --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
-    --client-ca-file "$PKI/ca.crt" \
-    --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt" \
-    --kubelet-client-key "$PKI/apiserver-kubelet-client.key" \
-    --service-account-issuer https://kubernetes.default.svc.cluster.local \
-    --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
-    --service-cluster-ip-range "$SERVICE_CIDR" \
-    --authorization-mode Node,RBAC \
-    --enable-admission-plugins NamespaceLifecycle,LimitRanger,ServiceAccount,DefaultStorageClass,DefaultTolerationSeconds,Priority,PodSecurity,NodeRestriction,TaintNodesByCondition,ResourceQuota,StorageObjectInUseProtection,PersistentVolumeClaimResize,RuntimeClass,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ValidatingAdmissionPolicy \
-    --allow-privileged=true --profiling=false --event-ttl 1h --v 1
-  wait_until kube-apiserver readyz
+  start_apiserver
 
   start kube-controller-manager \
     --kubeconfig "$DIR/kube-controller-manager.kubeconfig" \
@@ -355,5 +361,15 @@ case "${1:-}" in
 up) lock; up ;;
 down) lock; down ;;
 status) status ;;
-*) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+# A test hook: stop or start only the kube-apiserver (etcd and the rest keep running), e.g. to make
+# the operator's watches break and re-list.
+apiserver)
+  lock
+  case "${2:-}" in
+  stop) stop_one kube-apiserver ;;
+  start) ours kube-apiserver >/dev/null || start_apiserver ;;
+  *) echo "usage: $0 apiserver stop|start" >&2; exit 2 ;;
+  esac
+  ;;
+*) echo "usage: $0 up|down|status|apiserver stop|start" >&2; exit 2 ;;
 esac

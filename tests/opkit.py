@@ -81,6 +81,29 @@ class OperatorProcess:
         except OSError:
             return ""
 
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the operator process alone: SIGSTOP freezes it (as a stalled node would), SIGCONT
+        thaws it, SIGTERM asks it to shut down without waiting for it to exit."""
+        assert self.proc is not None, "not started"
+        os.kill(self.proc.pid, sig)
+
+    @property
+    def identity(self) -> str:
+        """The Lease holder identity this replica writes (cli.main: host name and PID)."""
+        assert self.proc is not None, "not started"
+        return f"{socket.gethostname()}-{self.proc.pid}"
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def probes(self) -> dict[str, Any]:
+        """kopf's /healthz probe results (kopf caches them for up to 10 s), e.g. {"leader": true}."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
+            return dict(json.loads(r.read().decode()))
+
 
 def job_manifest(name: str, **spec: Any) -> dict[str, Any]:
     base: dict[str, Any] = {

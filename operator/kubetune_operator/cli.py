@@ -14,6 +14,7 @@ import kopf
 
 from kubetune_operator import lifecycle
 from kubetune_operator.controller import Controller, ControllerConfig
+from kubetune_operator.runtime import ElectionTiming
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Options:
     leader_name: str
     identity: str
     metrics_port: int
+    election: ElectionTiming
 
     def metrics_ready(self, controller: Controller) -> None:
         if self.metrics_port:
@@ -108,6 +110,24 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--leader-namespace", default=os.environ.get("POD_NAMESPACE", "default"))
     p.add_argument("--leader-name", default="kubetune-operator")
+    p.add_argument(
+        "--lease-seconds",
+        type=_positive(int, "--lease-seconds"),
+        default=ElectionTiming.lease_seconds,
+        help="a follower takes over after seeing no renew of the Lease for this long",
+    )
+    p.add_argument(
+        "--renew-deadline-seconds",
+        type=_positive(float, "--renew-deadline-seconds"),
+        default=ElectionTiming.renew_deadline_seconds,
+        help="the leader stops acting when it has not renewed for this long (< --lease-seconds)",
+    )
+    p.add_argument(
+        "--retry-period-seconds",
+        type=_positive(float, "--retry-period-seconds"),
+        default=ElectionTiming.retry_period_seconds,
+        help="seconds between attempts to acquire or renew the Lease",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -116,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.workers < 1:
         parser().error("--workers must be at least 1")
+    election = ElectionTiming(args.lease_seconds, args.renew_deadline_seconds, args.retry_period_seconds)
+    if problem := election.problem():
+        parser().error(problem)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -134,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             stuck_terminating_seconds=args.stuck_terminating_seconds,
             wandb_url_base=args.wandb_url_base,
         ),
+        namespaces=tuple(args.namespace),
     )
     options = Options(
         kubeconfig=args.kubeconfig,
@@ -143,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         leader_name=args.leader_name,
         identity=f"{socket.gethostname()}-{os.getpid()}",
         metrics_port=args.metrics_port,
+        election=election,
     )
     import kubetune_operator.handlers  # noqa: F401  (registers the handlers)
 

@@ -1,4 +1,7 @@
-"""The reconcile loop: caches fed by kopf's watches, a work queue, and reconcile = observe, plan, apply.
+"""The reconcile loop: caches fed by watches, a work queue, and reconcile = observe, plan, apply.
+
+Jobs come from kopf's watch; pods from our own `Informer` (a re-list reports the pods that vanished
+while the watch was down, which kopf cannot). Every live job is also re-checked each resync interval.
 
 Everything that decides lives in `lifecycle.plan`; this module gathers its inputs (cached job and pods,
 a direct GET when the cache may lag, dependency checks, a scrape of the trainer's metrics) and applies
@@ -20,6 +23,7 @@ import aiohttp
 
 from kubetune_operator import builders, lifecycle, pods, tensorboard
 from kubetune_operator.api import API_VERSION, FineTuneJob, SpecError, parse_job
+from kubetune_operator.informer import Informer
 from kubetune_operator.kube import ApiError, Kube
 from kubetune_operator.metrics import OperatorMetrics, parse_trainer_metrics
 from kubetune_operator.runtime import WorkQueue
@@ -39,6 +43,8 @@ class ControllerConfig:
     scrape_interval: float = 10.0
     scrape_timeout: float = 2.0
     lifecycle: lifecycle.Settings = field(default_factory=lifecycle.Settings)
+    namespaces: tuple[str, ...] = ()  # watch only these (empty: every namespace)
+    resync_seconds: float = 60.0  # every live job is reconciled at least this often
 
 
 @dataclass
@@ -75,6 +81,17 @@ class Controller:
         self.claim_modes: dict[JobKey, tuple[str, tuple[str, ...]]] = {}
         # Why the last TensorBoard create failed, shown in the next reconcile's TensorBoardReady condition.
         self.board_errors: dict[JobKey, str] = {}
+        # The API's refusal of a child of the current attempt, until a create of that attempt succeeds.
+        self.create_errors: dict[JobKey, lifecycle.CreateError] = {}
+        selector = builders.LABEL_JOB
+        self.pod_informers = [
+            Informer(kube, path, self.pod_event, label_selector=selector)
+            for path in (
+                [f"/api/v1/namespaces/{ns}/pods" for ns in config.namespaces]
+                if config.namespaces
+                else ["/api/v1/pods"]
+            )
+        ]
         self.metrics = OperatorMetrics(
             lambda: [(j.get("status") or {}).get("phase") or "Pending" for j in self.jobs.values()],
             lambda: self.kube.requests,
@@ -92,6 +109,7 @@ class Controller:
             self.scrapes.pop(key, None)
             self.claim_modes.pop(key, None)
             self.board_errors.pop(key, None)
+            self.create_errors.pop(key, None)
             self.queue.forget(key)
             return
         cached = self.jobs.get(key)
@@ -129,6 +147,16 @@ class Controller:
     # -- lifecycle of the controller --------------------------------------------------------------------
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.config.workers)]
+        self._tasks += [asyncio.create_task(inf.run()) for inf in self.pod_informers]
+        self._tasks.append(asyncio.create_task(self._resync()))
+
+    async def _resync(self) -> None:
+        """Re-check every unfinished job periodically: bounds anything an event alone would not wake."""
+        while True:
+            await asyncio.sleep(self.config.resync_seconds)
+            for key, body in list(self.jobs.items()):
+                if (body.get("status") or {}).get("phase") not in FINISHED:
+                    self.queue.add(key)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -193,11 +221,15 @@ class Controller:
             tensorboard_server=self._tensorboard_server(key, job),
             existing_claim_modes=await self._existing_claim_modes(key, job),
             tensorboard_error=self.board_errors.get(key),
+            create_error=self.create_errors.get(key),
         )
         plan = lifecycle.plan(obs, self.config.lifecycle)
+        if not self.active.is_set():
+            return None  # leadership was lost while observing: write and create nothing (set_leader requeues)
         if not await self._write_status(key, body, status, plan.status):
             return 0.5  # someone wrote first: re-plan from the newer object
-        await self._apply(key, body, job, plan)
+        if not await self._apply(key, body, job, plan):
+            return 0.0  # the API refused a child: the next plan says so in the status
         if not await self._apply_tensorboard(key, plan):
             return 0.5  # show why in the condition
         requeue = plan.requeue_after
@@ -374,15 +406,16 @@ class Controller:
         self.jobs[key] = updated
         return True
 
-    async def _apply(self, key: JobKey, body: dict[str, Any], job: FineTuneJob, plan: lifecycle.Plan) -> None:
+    async def _apply(self, key: JobKey, body: dict[str, Any], job: FineTuneJob, plan: lifecycle.Plan) -> bool:
+        """Carry out the plan; False when the API refused a child (remembered for the next plan)."""
         ns = job.ref.namespace
         if plan.preempted:
             self.metrics.preemptions.labels(reason=plan.preempted).inc()
             self.metrics.lost_steps.inc(plan.lost_steps)
             # Recovery is timed from when the watch showed the attempt ending (or now, if it never did).
             self.ended_at[key] = self._attempt_end_time(key) or time.monotonic()
-        for obj in plan.create:
-            await self.kube.create(obj)
+        if plan.create and not await self._create_children(key, plan):
+            return False
         if plan.started_attempt is not None:
             ended = self.ended_at.pop(key, None)
             if ended is not None:
@@ -400,6 +433,30 @@ class Controller:
             await self.kube.post_event(current, event.type, event.reason, event.message, COMPONENT)
         if plan.delete_job:
             await self.kube.delete(API_VERSION, "FineTuneJob", ns, job.ref.name)
+        return True
+
+    async def _create_children(self, key: JobKey, plan: lifecycle.Plan) -> bool:
+        """Create the attempt's children in order; the trainer ConfigMap is replaced when it exists, so
+        each attempt runs with the spec as it is when the attempt starts (mutable fields included)."""
+        attempt = int(plan.status.get("attempt") or 0)
+        for obj in plan.create:
+            meta = obj["metadata"]
+            try:
+                if not await self.kube.create(obj) and obj["kind"] == "ConfigMap":
+                    await self.kube.replace(obj)
+            except (ApiError, aiohttp.ClientError, TimeoutError) as err:
+                status = err.status if isinstance(err, ApiError) else 0
+                message = err.message if isinstance(err, ApiError) else str(err) or type(err).__name__
+                prev = self.create_errors.get(key)
+                retries = prev.retries + 1 if prev is not None and prev.attempt == attempt else 0
+                self.create_errors[key] = lifecycle.CreateError(
+                    attempt, obj["kind"], meta["name"], status, message, retries
+                )
+                log.warning("%s/%s: could not create %s %s: %s", *key, obj["kind"], meta["name"], message)
+                return False
+        if plan.started_attempt is not None:
+            self.create_errors.pop(key, None)
+        return True
 
     async def _apply_tensorboard(self, key: JobKey, plan: lifecycle.Plan) -> bool:
         """Create the TensorBoard objects; False when the API refused one (a quota, a LimitRange): that is

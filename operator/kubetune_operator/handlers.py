@@ -1,7 +1,8 @@
 """Thin kopf handlers: feed watch events into the controller's caches; settings in one startup hook.
 
-kopf owns the watches (re-listing on start and after errors, which is how a restarted operator
-catches up), health probes and logging; the controller owns deciding and writing. No handler here
+kopf owns the FineTuneJob watch (re-listing on start and after errors, which is how a restarted operator
+catches up), health probes and logging; the controller owns the pod watch (its own informer, which
+notices pods deleted while the watch was down), deciding and writing. No handler here
 adds a finalizer: uninstalling the operator never leaves FineTuneJobs that cannot be deleted.
 """
 
@@ -13,7 +14,6 @@ from typing import Any
 
 import kopf
 
-from kubetune_operator import builders
 from kubetune_operator.api import GROUP, PLURAL, VERSION
 from kubetune_operator.controller import Controller
 from kubetune_operator.kube import Kube, load_configuration
@@ -61,7 +61,14 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.stop_election = asyncio.Event()
     if opts.leader_election:
         elector = LeaderElector(
-            controller.kube, opts.leader_namespace, opts.leader_name, opts.identity, controller.set_leader
+            controller.kube,
+            opts.leader_namespace,
+            opts.leader_name,
+            opts.identity,
+            controller.set_leader,
+            opts.election,
+            # Stop workers from starting a reconcile the instant the renew deadline passes.
+            stop_now=controller.active.clear,
         )
         memo.elector = elector
         memo.election_task = asyncio.create_task(elector.run(memo.stop_election))
@@ -71,21 +78,22 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 
 @kopf.on.cleanup()
 async def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    """Stop acting and release the Lease (the elector does both when stopped) before the API client
+    closes, so a follower takes over within one retry period instead of a lease duration."""
     memo.stop_election.set()
     task = memo.get("election_task")
     if task is not None:
-        await asyncio.wait_for(task, timeout=10)
+        try:
+            # The release is bounded by the renew deadline; this only guards against a hang.
+            await asyncio.wait_for(task, timeout=memo.options.election.renew_deadline_seconds + 5)
+        except Exception as err:  # the controller must still stop
+            log.warning("leader election did not stop cleanly: %s", str(err) or type(err).__name__)
     await memo.controller.stop()
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 def job_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     memo.controller.job_event(event.get("type"), event["object"])
-
-
-@kopf.on.event("", "v1", "pods", labels={builders.LABEL_JOB: kopf.PRESENT})
-def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    memo.controller.pod_event(event.get("type"), event["object"])
 
 
 @kopf.on.probe(id="leader")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import ssl
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -133,6 +133,31 @@ class Kube:
                 )
             return doc
 
+    async def stream(
+        self, path: str, params: Mapping[str, str], read_timeout: float = 330.0
+    ) -> AsyncIterator[dict[str, Any]]:
+        """A watch: one JSON event per line until the server ends the stream (its timeoutSeconds)."""
+        self.requests += 1
+        url = self._cfg.host.rstrip("/") + path
+        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=read_timeout)
+        async with self._session_get().get(
+            url, params=params, headers=self._headers("application/json"), timeout=timeout
+        ) as resp:
+            if resp.status >= 400:
+                text = await resp.text()
+                doc = json.loads(text) if text.startswith("{") else {}
+                raise ApiError(
+                    resp.status, str(doc.get("reason", resp.reason)), str(doc.get("message", text))
+                )
+            # Not `async for line in resp.content`: aiohttp caps a line at 64 KiB; a pod can be bigger.
+            buf = b""
+            async for chunk in resp.content.iter_any():
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield json.loads(line)
+
     # -- objects ---------------------------------------------------------------------------------------
     async def create(self, obj: Mapping[str, Any]) -> bool:
         """Create `obj`; False when it already exists (deterministic names make that a success)."""
@@ -145,6 +170,12 @@ class Kube:
             if err.status == 409 and err.reason == "AlreadyExists":
                 return False
             raise
+
+    async def replace(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """PUT `obj` over the existing object (unconditionally: no resourceVersion)."""
+        meta = obj["metadata"]
+        path = collection_path(obj["apiVersion"], obj["kind"], meta.get("namespace"))
+        return await self.request("PUT", f"{path}/{meta['name']}", obj)
 
     async def get(
         self, api_version: str, kind: str, namespace: str | None, name: str

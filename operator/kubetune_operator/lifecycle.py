@@ -7,6 +7,10 @@ the controller only gathers inputs and applies the plan.
 Restart bookkeeping lives in the status, so a restarted operator never double-counts:
 - `status.attempt` is the attempt whose pods should exist; older attempts' pods are torn down.
 - `status.nextAttemptTime` set means "attempt `status.attempt` is due but its pods are not created yet".
+  It is cleared in the status write that precedes the pods' create, so an attempt's pods are created at
+  most once: a reconcile that finds them gone (deleted before the watch showed them, or during a watch
+  gap) counts a disruption and moves to the next attempt instead of creating a twin. Only a create the
+  API refused (`Observed.create_error`) sets it again.
 A disruption or failure is counted in the same status write that bumps `attempt`, and that write
 carries the resourceVersion it was computed from, so it happens at most once.
 """
@@ -31,7 +35,16 @@ from kubetune_operator.pods import (
     TrainerReport,
     classify,
 )
-from kubetune_operator.status import FINISHED, fmt_time, format_eta, parse_time, set_best, set_phase
+from kubetune_operator.status import (
+    FINISHED,
+    fmt_time,
+    format_eta,
+    get_condition,
+    parse_time,
+    set_best,
+    set_condition,
+    set_phase,
+)
 
 # Which disruption reason names a gang restart when several pods ended: the most specific cause wins.
 _REASON_RANK = (
@@ -76,6 +89,23 @@ class Settings:
 
 
 @dataclass(frozen=True)
+class CreateError:
+    """The API server refused to create a child of `attempt` (the controller's last try)."""
+
+    attempt: int
+    kind: str
+    name: str
+    status: int  # HTTP status; 0 when the API could not be reached
+    message: str
+    retries: int = 0  # refusals in a row before this one
+
+    @property
+    def permanent(self) -> bool:
+        """400/422: the object itself is invalid; only a spec change can help."""
+        return self.status in (400, 422)
+
+
+@dataclass(frozen=True)
 class Observed:
     job: FineTuneJob
     status: Mapping[str, Any]
@@ -87,6 +117,7 @@ class Observed:
     tensorboard_server: tensorboard.ServerView | None = None  # the standalone TensorBoard pod
     tensorboard_error: str | None = None  # why the last TensorBoard create failed (the API's words)
     existing_claim_modes: tuple[str, ...] | None = None  # spec.checkpoint.existingClaim's; None: not found
+    create_error: CreateError | None = None  # the API refused a child of the current attempt
 
     @property
     def claim_modes(self) -> tuple[str, ...] | None:
@@ -221,11 +252,18 @@ def _plan_training(obs: Observed, settings: Settings, d: _Draft) -> None:
     if st.get("phase") == "Suspended":
         _mark(d, obs, "Pending", "Resumed", f"resuming: attempt {attempt} will continue from the checkpoint")
 
+    err = obs.create_error
+    if err is not None and err.attempt == attempt and not st.get("nextAttemptTime"):
+        _create_refused(obs, err, d, settings)
+        return
+
     if st.get("nextAttemptTime"):
         _start_attempt(obs, ends, d, settings)
         return
 
     current = _current_pods(obs, attempt)
+    if any(p.attempt == attempt for p in obs.pods):
+        _unblock(obs, d)
     _judge_attempt(obs, current, ends, d, settings)
 
 
@@ -233,23 +271,64 @@ def _mark(d: _Draft, obs: Observed, phase: str, reason: str, message: str) -> No
     set_phase(d.status, phase, reason, message, obs.now, obs.job.ref.generation)
 
 
+def _restart_cause(st: Mapping[str, Any], fallback: str) -> str:
+    """While a job is Restarting, its condition's reason stays the cause of the restart (the disruption
+    or failure); the progress of the replacement attempt goes in the message only."""
+    if st.get("phase") == "Restarting":
+        cond = get_condition(st, "Restarting")
+        if cond and cond.get("status") == "True" and cond.get("reason"):
+            return str(cond["reason"])
+    return fallback
+
+
 def _force_stuck(obs: Observed, settings: Settings, d: _Draft) -> None:
-    """Pods stuck Terminating on a node that is NotReady or gone: force-delete so the job can move on."""
+    """Pods stuck Terminating on a node that is NotReady or gone: force-delete so the job can move on.
+
+    The limit counts from metadata.deletionTimestamp, which is when the pod's grace period ended (delete
+    time + grace): a pod is stuck when it outlived its grace period by `stuck_terminating_seconds`. Every
+    Terminating pod gets a re-check at that moment, so nothing else has to wake the job. A pod that
+    stays after the force-delete is held by a finalizer: that is said once, in the message, not retried."""
     limit = timedelta(seconds=settings.stuck_terminating_seconds)
+    held: list[str] = []
     for pod in obs.pods:
-        if pod.gone or pod.deleting_since is None or pod.node_name not in obs.unready_nodes:
+        if pod.gone or pod.deleting_since is None:
             continue
-        if obs.now - pod.deleting_since >= limit:
-            d.force.append(pod.name)
-            d.events.append(
-                Event(
-                    "Warning",
-                    "ForceDeleted",
-                    f"pod {pod.name} was stuck Terminating on unreachable node {pod.node_name}; force-deleted",
-                )
+        due = pod.deleting_since + limit
+        if obs.now < due:
+            d.requeue.append((due - obs.now).total_seconds())
+            continue
+        if pod.node_name not in obs.unready_nodes:
+            continue
+        if pod.force_deleted:
+            msg = f"pod {pod.name} stays Terminating after a force-delete"
+            if pod.finalizers:
+                msg += f": it is held by finalizer {', '.join(pod.finalizers)}, which only its owner removes"
+            held.append(msg)
+            continue
+        d.force.append(pod.name)
+        d.events.append(
+            Event(
+                "Warning",
+                "ForceDeleted",
+                f"pod {pod.name} was stuck Terminating on unreachable node {pod.node_name}; force-deleted",
             )
-        else:
-            d.requeue.append((pod.deleting_since + limit - obs.now).total_seconds())
+        )
+    _say_held(obs, d, held)
+
+
+def _say_held(obs: Observed, d: _Draft, held: list[str]) -> None:
+    """The StuckTerminating condition: True (and one Event) while a force-deleted pod stays."""
+    cond = get_condition(d.status, "StuckTerminating")
+    gen = obs.job.ref.generation
+    if held:
+        msg = "; ".join(held)
+        if cond is None or cond.get("status") != "True" or cond.get("message") != msg:
+            set_condition(d.status, "StuckTerminating", True, "HeldByFinalizer", msg, obs.now, gen)
+            d.events.append(Event("Warning", "StuckTerminating", msg))
+    elif cond is not None and cond.get("status") == "True":
+        set_condition(
+            d.status, "StuckTerminating", False, "Released", "no pod is stuck Terminating", obs.now, gen
+        )
 
 
 def _tear_down_live(obs: Observed, ends: Mapping[str, PodEnd], d: _Draft, attempt_below: int | None) -> None:
@@ -334,9 +413,9 @@ def _start_attempt(
     attempt = int(st["attempt"])
     due = parse_time(st.get("nextAttemptTime")) or now
     expected = {builders.pod_name(obs.job.ref.name, attempt, r) for r in range(obs.job.spec.workers)}
-    existing = {p.name for p in obs.pods if p.attempt == attempt and not p.gone}
-    if expected <= existing:
-        # Created in an earlier reconcile: the attempt is now live.
+    seen = {p.name for p in obs.pods if p.attempt == attempt}
+    if expected <= seen:
+        # Created in an earlier reconcile (even if already gone again): the attempt is live; never a twin.
         st.pop("nextAttemptTime", None)
         _judge_attempt(obs, _current_pods(obs, attempt), ends, d, settings)
         return
@@ -349,7 +428,7 @@ def _start_attempt(
     if live:
         if announce:
             msg = f"waiting for {len(live)} pod(s) of the previous attempt to stop"
-            _mark(d, obs, phase, "WaitingForPreviousAttempt", msg)
+            _mark(d, obs, phase, _restart_cause(st, "WaitingForPreviousAttempt"), msg)
         return
     if due > now:
         d.requeue.append((due - now).total_seconds())
@@ -365,16 +444,29 @@ def _start_attempt(
         if child is not None:
             d.create.append(child)
     sidecar = tensorboard.sidecar_wanted(job, obs.claim_modes)
-    d.create.extend(builders.attempt_pods(job, attempt, tensorboard_sidecar=sidecar))
+    # After a partly refused create, only the ranks never seen are created.
+    fresh = builders.attempt_pods(job, attempt, tensorboard_sidecar=sidecar)
+    d.create.extend(p for p in fresh if p["metadata"]["name"] not in seen)
     d.started = attempt
+    st.pop("nextAttemptTime", None)  # recorded before the create: this attempt's pods are never re-created
     ckpt = (st.get("checkpoint") or {}).get("step")
     resume = f"resuming from checkpoint step {ckpt}" if ckpt is not None else "starting from scratch"
-    if announce:
+    blocked = get_condition(st, "Blocked")
+    if announce and not (blocked and blocked.get("status") == "True"):  # a retry keeps the refusal shown
         phase = "Pending" if st.get("phase") in (None, "Pending") else "Restarting"
-        _mark(d, obs, phase, "PodsCreated", f"attempt {attempt}: {job.spec.workers} pod(s) created, {resume}")
+        msg = f"attempt {attempt}: {job.spec.workers} pod(s) created, {resume}"
+        _mark(d, obs, phase, _restart_cause(st, "PodsCreated"), msg)
     d.events.append(
         Event("Normal", "AttemptStarted", f"attempt {attempt}: created {job.spec.workers} pod(s), {resume}")
     )
+
+
+def _unblock(obs: Observed, d: _Draft) -> None:
+    """The attempt's pods exist: a Blocked condition from a refused create turns False."""
+    cond = get_condition(d.status, "Blocked")
+    if cond is not None and cond.get("status") == "True":
+        msg = "the API server accepted the attempt's pods"
+        set_condition(d.status, "Blocked", False, "Created", msg, obs.now, obs.job.ref.generation)
 
 
 def _current_pods(obs: Observed, attempt: int) -> list[PodView]:
@@ -385,6 +477,64 @@ def _current_pods(obs: Observed, attempt: int) -> list[PodView]:
         or PodView(name=builders.pod_name(obs.job.ref.name, attempt, r), attempt=attempt, rank=r, gone=True)
         for r in range(obs.job.spec.workers)
     ]
+
+
+# Where a field of the pod (as the API server names it) comes from in the FineTuneJob.
+_POD_FIELDS = (
+    ("spec.containers[0].image", "spec.image"),
+    ("spec.nodeSelector", "spec.nodeSelector"),
+    ("spec.affinity", "spec.affinity"),
+    ("spec.tolerations", "spec.tolerations"),
+    ("spec.priorityClassName", "spec.priorityClassName"),
+    ("spec.serviceAccountName", "spec.serviceAccountName"),
+    ("metadata.labels", "spec.podTemplate.labels"),
+    ("metadata.annotations", "spec.podTemplate.annotations"),
+    ("spec.containers[0].env", "spec.podTemplate.env"),
+    ("spec.containers[0].resources", "spec.resources"),
+    ("spec.hostname", "metadata.name"),
+    ("spec.subdomain", "metadata.name"),
+    ("metadata.name", "metadata.name"),
+)
+_FIELD_HINTS = (
+    ("PriorityClass", "spec.priorityClassName"),
+    ("service account", "spec.serviceAccountName"),
+    ("exceeded quota", "spec.resources"),
+)
+
+
+def job_field(message: str) -> str | None:
+    """The FineTuneJob field behind an API server's refusal of a child, when its message names one."""
+    for pod_field, job_field_ in _POD_FIELDS:
+        if pod_field in message:
+            return job_field_
+    for words, job_field_ in _FIELD_HINTS:
+        if words in message:
+            return job_field_
+    return None
+
+
+def _create_refused(obs: Observed, err: CreateError, d: _Draft, settings: Settings) -> None:
+    """The API refused a child of the current attempt: say so, quoting it; retry later unless hopeless.
+
+    Nothing is counted: no pod ran, so it is neither a failure nor a preemption."""
+    st, attempt = d.status, int(d.status["attempt"])
+    where = job_field(err.message)
+    fix = f" (check {where})" if where else ""
+    said = f"the API server refused {err.kind} {err.name}"
+    said += f" (HTTP {err.status}): {err.message}" if err.status else f": {err.message}"
+    if err.permanent:
+        _fail(obs, d, "InvalidSpec", f"{said}{fix}; retrying cannot help: fix the spec and re-create the job")
+        return
+    delay = backoff_seconds(err.retries + 1, settings)
+    st["nextAttemptTime"] = fmt_time(obs.now + timedelta(seconds=delay))
+    d.requeue.append(delay)
+    phase = "Pending" if attempt == 1 or st.get("phase") in (None, "Pending") else "Restarting"
+    msg = f"attempt {attempt}: {said}{fix}; retrying with backoff"
+    _mark(d, obs, phase, "CreateRefused", msg)
+    blocked = get_condition(st, "Blocked")
+    if blocked is None or blocked.get("status") != "True" or blocked.get("message") != msg:
+        set_condition(st, "Blocked", True, "CreateRefused", msg, obs.now, obs.job.ref.generation)
+        d.events.append(Event("Warning", "CreateRefused", msg))
 
 
 def _gang(current: Sequence[PodView], ends: Mapping[str, PodEnd], now: datetime) -> tuple[PodView, PodEnd]:

@@ -103,6 +103,8 @@ class PodView:
     node_name: str | None = None
     tensorboard: bool = False  # rank 0 with the TensorBoard sidecar (labelled as the job's server)
     tensorboard_ready: bool = False  # that sidecar passes its readiness probe
+    finalizers: tuple[str, ...] = ()  # metadata.finalizers: a deleted pod stays until they are removed
+    force_deleted: bool = False  # deleted with grace period 0 (deletionGracePeriodSeconds == 0)
 
 
 def pod_view(pod: Mapping[str, Any], gone: bool = False) -> PodView:
@@ -158,6 +160,9 @@ def pod_view(pod: Mapping[str, Any], gone: bool = False) -> PodView:
         node_name=(pod.get("spec") or {}).get("nodeName"),
         tensorboard=labels.get(builders.LABEL_TENSORBOARD) == "true",
         tensorboard_ready=sidecar_ready,
+        finalizers=tuple(str(f) for f in meta.get("finalizers") or ()),
+        force_deleted=meta.get("deletionTimestamp") is not None
+        and meta.get("deletionGracePeriodSeconds") == 0,
     )
 
 
@@ -216,6 +221,12 @@ def classify(pod: PodView, now: datetime, start_timeout: float = 300.0) -> PodEn
         return PodEnd(Outcome.TERMINATING, pod.disruption[0], pod.disruption[1])
     if pod.deleting_since is not None:
         return PodEnd(Outcome.TERMINATING, "PodDeleted", "being deleted")
+    if pod.waiting_reason == "InvalidImageName":
+        # A malformed image reference: no retry or wait can fix it, so it spends no failure budget.
+        detail = f"{pod.waiting_message}; " if pod.waiting_message else ""
+        return PodEnd(
+            Outcome.PERMANENT, "InvalidImageName", f"{detail}spec.image is not a valid image reference"
+        )
     waited = (now - pod.created).total_seconds() if pod.created else 0.0
     if pod.waiting_reason in IMAGE_PULL_REASONS and waited > start_timeout:
         return PodEnd(Outcome.FAILED, "ImagePull", f"image could not be pulled ({pod.waiting_reason})")

@@ -139,7 +139,8 @@ def test_new_job_creates_children_then_runs():
     p = run(job, {}, [])
     assert [o["kind"] for o in p.create] == ["PersistentVolumeClaim", "ConfigMap", "Pod"]
     assert pods_created(p) == ["demo-a1-0"]
-    assert p.status["phase"] == "Pending" and p.status["attempt"] == 1 and p.status["nextAttemptTime"]
+    # The write before the create records it: attempt 1's pods are never created a second time.
+    assert p.status["phase"] == "Pending" and p.status["attempt"] == 1 and "nextAttemptTime" not in p.status
     assert p.status["wandb"]["runId"].startswith("ftj-")
     running = run(job, p.status, [pod()])
     assert running.status["phase"] == "Running" and "nextAttemptTime" not in running.status
@@ -170,6 +171,33 @@ def test_preemption_restarts_at_once_without_spending_the_failure_budget():
     settled = run(job, again.status, [gone, pod(attempt=2)])
     assert settled.status["phase"] == "Running"
     assert status_patch(settled.status, run(job, settled.status, [gone, pod(attempt=2)]).status) is None
+
+
+def test_restarting_keeps_the_cause_while_the_old_pod_drains_and_the_new_one_starts():
+    """The scheduler's preemption deletes the pod gracefully: it drains (Terminating), ends, is removed,
+    and the replacement starts; each step is a reconcile of its own. The Restarting condition must
+    name the preemption throughout, never the bookkeeping step that created the pod, and the
+    replacement's AttemptStarted is posted once even while the watch has not shown it yet."""
+    job = make_job(backoffLimit=0)
+    st = started(job)
+    draining = pod(phase="Running", deleting_since=T0, disruption=PREEMPTED)
+    p = run(job, st, [draining])
+    assert p.status["phase"] == "Restarting" and p.status["preemptions"] == 0
+    assert get_condition(p.status, "Restarting")["reason"] == "PreemptionByScheduler"
+    ended = replace(draining, phase="Failed", exit_code=143)
+    counted = run(job, p.status, [ended], now=T0 + timedelta(seconds=1))
+    assert counted.status["preemptions"] == 1 and pods_created(counted) == ["demo-a2-0"]
+    started_events = [e for e in counted.events if e.reason == "AttemptStarted"]
+    # The cache lags our create: the replacement is not seen yet (the controller's GET found it).
+    lag = run(job, counted.status, [ended, pod(attempt=2, phase="Pending")], now=T0 + timedelta(seconds=2))
+    gone = run(job, lag.status, [replace(ended, gone=True), pod(attempt=2, phase="Pending")])
+    for step in (counted, lag, gone):
+        cond = get_condition(step.status, "Restarting")
+        assert cond["status"] == "True" and cond["reason"] == "PreemptionByScheduler"
+        started_events += [e for e in step.events if e.reason == "AttemptStarted" and step is not counted]
+    assert len(started_events) == 1 and pods_created(lag) == pods_created(gone) == []
+    running = run(job, gone.status, [pod(gone=True), pod(attempt=2)], now=T0 + timedelta(seconds=3))
+    assert running.status["phase"] == "Running"
 
 
 def test_sigkill_loses_steps_since_checkpoint():
@@ -400,3 +428,122 @@ def test_best_from_the_termination_message():
     st = run(job, started(job), [pod(phase="Succeeded", exit_code=0, report=end)]).status
     assert (st["bestMetric"], st["bestStep"], st["bestMetricName"]) == (0.25, 60, "loss")
     assert st["phase"] == "Succeeded" and get_condition(st, "Succeeded")["reason"] == "Completed"
+
+
+def test_a_pod_gone_before_the_watch_showed_it_alive_is_a_disruption_not_a_twin():
+    """Created, then preempted before any reconcile saw it Running: the next attempt follows; attempt 1
+    is never created again (the deterministic name alone does not protect once the first pod is gone)."""
+    job = make_job(backoffLimit=0)
+    created = run(job, {}, [])
+    assert pods_created(created) == ["demo-a1-0"]
+    gone = pod(gone=True, disruption=PREEMPTED)
+    p = run(job, created.status, [gone])
+    assert pods_created(p) == ["demo-a2-0"] and p.status["attempt"] == 2
+    assert p.status["preemptions"] == 1 and p.status["failures"] == 0
+    assert [e.reason for e in p.events].count("AttemptStarted") == 1
+    # Replays never create attempt 1 again, nor count twice.
+    again = run(job, p.status, [gone, pod(attempt=2, phase="Pending")])
+    assert pods_created(again) == [] and again.status["preemptions"] == 1
+
+
+def test_a_refused_pod_create_waits_with_the_apis_words_and_counts_nothing():
+    job = make_job(backoffLimit=0)
+    created = run(job, {}, [])
+    err = lc.CreateError(
+        attempt=1,
+        kind="Pod",
+        name="demo-a1-0",
+        status=403,
+        message='pods "demo-a1-0" is forbidden: no PriorityClass with name gold was found',
+    )
+    p = run(job, created.status, [], create_error=err)
+    assert pods_created(p) == [] and p.status["phase"] == "Pending"
+    assert p.status["failures"] == 0 and p.status["preemptions"] == 0 and p.preempted is None
+    cond = get_condition(p.status, "Blocked")
+    assert cond["status"] == "True" and cond["reason"] == "CreateRefused"
+    assert cond["message"] == p.status["message"]
+    assert (
+        "no PriorityClass with name gold" in cond["message"] and "spec.priorityClassName" in cond["message"]
+    )
+    assert [e.reason for e in p.events] == ["CreateRefused"]
+    assert p.requeue_after == pytest.approx(10)
+    # Before the backoff passes nothing happens; replaying posts no second Event.
+    early = run(job, p.status, [], now=T0 + timedelta(seconds=5), create_error=err)
+    assert pods_created(early) == [] and early.events == ()
+    retry = run(job, p.status, [], now=T0 + timedelta(seconds=11), create_error=err)
+    assert pods_created(retry) == ["demo-a1-0"]
+    # Once the pod exists the Blocked condition turns False.
+    ok = run(job, retry.status, [pod(phase="Pending")], now=T0 + timedelta(seconds=12))
+    assert get_condition(ok.status, "Blocked")["status"] == "False"
+    # Refused again: the wait doubles (retries counts the refusals in a row).
+    again = lc.CreateError(**{**err.__dict__, "retries": 1})
+    p2 = run(job, retry.status, [], now=T0 + timedelta(seconds=12), create_error=again)
+    assert p2.requeue_after == pytest.approx(20) and p2.status["failures"] == 0
+
+
+def test_an_invalid_pod_fails_the_job_once_naming_the_field():
+    job = make_job()
+    created = run(job, {}, [])
+    err = lc.CreateError(
+        1, "Pod", "demo-a1-0", 422, 'Pod "demo-a1-0" is invalid: spec.nodeSelector: Invalid value: "a b"'
+    )
+    p = run(job, created.status, [], create_error=err)
+    assert p.status["phase"] == "Failed" and p.status["failures"] == 0
+    assert get_condition(p.status, "Failed")["reason"] == "InvalidSpec"
+    assert "spec.nodeSelector" in p.status["message"] and "HTTP 422" in p.status["message"]
+    assert [e.reason for e in p.events] == ["InvalidSpec"]
+    assert lc.job_field('Service "1job-workers" is invalid: metadata.name: Invalid value') == "metadata.name"
+    assert lc.job_field("spec.containers[0].image: Invalid value") == "spec.image"
+
+
+def test_a_partly_refused_gang_creates_only_the_missing_rank():
+    job = make_job(workers=2)
+    created = run(job, {}, [])
+    assert pods_created(created) == ["demo-a1-0", "demo-a1-1"]
+    err = lc.CreateError(1, "Pod", "demo-a1-1", 403, "exceeded quota: gpus")
+    p = run(job, created.status, [pod(rank=0, phase="Pending")], create_error=err)
+    assert p.status["phase"] == "Pending" and "spec.resources" in p.status["message"]
+    retry = run(
+        job, p.status, [pod(rank=0, phase="Pending")], now=T0 + timedelta(seconds=11), create_error=err
+    )
+    assert pods_created(retry) == ["demo-a1-1"]
+
+
+def test_every_terminating_pod_is_rechecked_when_it_would_count_as_stuck():
+    job = make_job()
+    st = started(job)
+    stuck = pod(deleting_since=T0, node_name="gpu-1", disruption=("DeletionByTaintManager", ""))
+    # Its node is not known to be unready yet (the controller checks nodes only for overdue pods).
+    early = run(job, st, [stuck], now=T0 + timedelta(seconds=60))
+    assert early.force_delete_pods == () and early.requeue_after == pytest.approx(60)
+
+
+def test_a_pod_held_by_a_finalizer_is_force_deleted_once_and_said_once():
+    job = make_job()
+    st = started(job)
+    unready = frozenset({"gpu-1"})
+    later = T0 + timedelta(seconds=121)
+    stuck = pod(deleting_since=T0, node_name="gpu-1", finalizers=("example.com/hold",))
+    first = run(job, st, [stuck], now=later, unready_nodes=unready)
+    assert first.force_delete_pods == ("demo-a1-0",)
+    held = replace(stuck, force_deleted=True)
+    p = run(job, first.status, [held], now=later, unready_nodes=unready)
+    assert p.force_delete_pods == ()
+    cond = get_condition(p.status, "StuckTerminating")
+    assert cond["status"] == "True" and "example.com/hold" in cond["message"]
+    assert [e.reason for e in p.events] == ["StuckTerminating"]
+    again = run(job, p.status, [held], now=later + timedelta(seconds=30), unready_nodes=unready)
+    assert again.force_delete_pods == () and again.events == ()
+    released = run(job, again.status, [replace(held, gone=True)], now=later + timedelta(seconds=40))
+    assert get_condition(released.status, "StuckTerminating")["status"] == "False"
+
+
+def test_an_invalid_image_name_is_a_config_error_at_once():
+    job = make_job(backoffLimit=3)
+    st = run(job, {}, []).status
+    bad = pod(
+        phase="Pending", waiting_reason="InvalidImageName", waiting_message='couldn\'t parse image " x"'
+    )
+    p = run(job, st, [bad])
+    assert p.status["phase"] == "Failed" and p.status["failures"] == 0
+    assert "spec.image" in p.status["message"]
