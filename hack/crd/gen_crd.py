@@ -42,6 +42,14 @@ DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?
 # Extended resource name: <domain>/<name>, e.g. nvidia.com/gpu or amd.com/gpu.
 EXTENDED_RESOURCE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 C_IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# Label values, and label/annotation/taint keys ([DNS subdomain prefix/]name), as the API server checks them.
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+# `[.]`, not `\.`: it also goes into CEL string literals, where `\.` is not a valid escape.
+QUALIFIED_NAME = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+# A name that also works as a Service name and pod hostname (DNS-1035 label): needed when workers > 1.
+DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# An image reference has no whitespace (the kubelet's InvalidImageName otherwise).
+IMAGE_REF = r"^[^\s]+$"
 MODULE_PREFIX = r"^[A-Za-z_][A-Za-z0-9_.]*$"
 INT32_MAX = 2**31 - 1
 BIG = 10**9
@@ -158,9 +166,27 @@ def array(desc: str, items: Schema, max_items: int, **extra: Any) -> Schema:
     return {"type": "array", "description": desc, "maxItems": max_items, "items": items, **extra}
 
 
-def string_map(desc: str, value_desc: str, max_props: int, max_len: int) -> Schema:
-    value = string(value_desc, max_len, min_len=None)
-    return {"type": "object", "description": desc, "maxProperties": max_props, "additionalProperties": value}
+def string_map(
+    desc: str, value_desc: str, max_props: int, max_len: int, value_pattern: str | None = None, keys: str = ""
+) -> Schema:
+    """A map of strings. `keys` names what the keys are ("label", "annotation") to check them as the API
+    server would, so a bad key is refused at apply instead of when the pod is created."""
+    value = string(value_desc, max_len, min_len=None, pattern=value_pattern)
+    schema: Schema = {
+        "type": "object",
+        "description": desc,
+        "maxProperties": max_props,
+        "additionalProperties": value,
+    }
+    if keys:
+        schema["x-kubernetes-validations"] = [
+            {
+                "rule": f"self.all(k, size(k) <= 316 && k.matches('{QUALIFIED_NAME}'))",
+                "message": f"every {keys} key must be [prefix/]name: name up to 63 characters of letters, digits, "
+                "'-', '_' and '.', starting and ending alphanumeric; prefix a DNS subdomain",
+            }
+        ]
+    return schema
 
 
 def quantity(desc: str, default: str | None = None) -> Schema:
@@ -388,11 +414,16 @@ TENSORBOARD = obj(
 TOLERATION = obj(
     "A core/v1 Toleration: lets the pods schedule onto nodes with a matching taint.",
     {
-        "key": string("Taint key; empty with operator Exists matches every key.", 316, min_len=None),
+        "key": string(
+            "Taint key; empty with operator Exists matches every key.",
+            316,
+            min_len=None,
+            pattern=QUALIFIED_NAME.replace("^(", "^$|^(", 1),
+        ),
         "operator": enum(
             "Exists matches any value; Equal (the default) matches `value`.", ["Exists", "Equal"]
         ),
-        "value": string("Taint value to match with operator Equal.", 63, min_len=None),
+        "value": string("Taint value to match with operator Equal.", 63, min_len=None, pattern=LABEL_VALUE),
         "effect": enum(
             "Taint effect to match; empty matches all effects.",
             ["NoSchedule", "PreferNoSchedule", "NoExecute"],
@@ -440,8 +471,17 @@ RESOURCES = obj(
 POD_TEMPLATE = obj(
     "Extra metadata and environment for the worker pods; changes apply from the next attempt.",
     {
-        "labels": string_map("Labels added to the worker pods.", "Label value.", 64, 63),
-        "annotations": string_map("Annotations added to the worker pods.", "Annotation value.", 64, 4096),
+        "labels": string_map(
+            "Labels added to the worker pods.",
+            "Label value.",
+            64,
+            63,
+            value_pattern=LABEL_VALUE,
+            keys="label",
+        ),
+        "annotations": string_map(
+            "Annotations added to the worker pods.", "Annotation value.", 64, 4096, keys="annotation"
+        ),
         "env": array(
             "Environment variables for the trainer container.",
             ENV_VAR,
@@ -486,14 +526,26 @@ SPEC = obj(
         "metrics": METRICS,
         "tensorboard": TENSORBOARD,
         "evaluation": EVALUATION,
-        "image": string("Trainer container image. Unset: the operator's default image. Immutable.", 1024),
+        "image": string(
+            "Trainer container image. Unset: the operator's default image. Immutable. The chart's admission "
+            "policy may restrict it to the prefixes in admission.allowedImagePrefixes.",
+            1024,
+            pattern=IMAGE_REF,
+        ),
         "imagePullPolicy": enum("Pull policy of the trainer image.", ["Always", "IfNotPresent", "Never"]),
         "workers": integer(
             "Number of worker pods (distributed data parallel when > 1). Immutable.", 1, 64, 1, fmt="int32"
         )
         | {"x-kubernetes-validations": [immutable("spec.workers")]},
         "resources": RESOURCES,
-        "nodeSelector": string_map("Node labels the worker pods must match.", "Label value.", 64, 63),
+        "nodeSelector": string_map(
+            "Node labels the worker pods must match.",
+            "Label value.",
+            64,
+            63,
+            value_pattern=LABEL_VALUE,
+            keys="label",
+        ),
         "tolerations": array("Tolerations of the worker pods.", TOLERATION, 32),
         "affinity": {
             "type": "object",
@@ -501,7 +553,17 @@ SPEC = obj(
             "x-kubernetes-preserve-unknown-fields": True,
         },
         "priorityClassName": string("PriorityClass of the worker pods.", 253, pattern=DNS_SUBDOMAIN),
-        "serviceAccountName": string("ServiceAccount the worker pods run as.", 253, pattern=DNS_SUBDOMAIN),
+        "serviceAccountName": string(
+            "ServiceAccount the worker pods run as. Unset: the namespace's default. The chart's admission "
+            "policy admits only the ServiceAccounts its admission.allowedServiceAccounts lists.",
+            253,
+            pattern=DNS_SUBDOMAIN,
+        ),
+        "automountServiceAccountToken": boolean(
+            "Mount the ServiceAccount's API token into the worker pods; only for trainer images that call "
+            "the Kubernetes API.",
+            False,
+        ),
         "terminationGracePeriodSeconds": integer(
             "Seconds a preempted worker has to write its final checkpoint before SIGKILL.", 1, 3600, 60
         ),
@@ -666,6 +728,15 @@ def build_crd() -> dict[str, Any]:
             "status": STATUS,
         },
         required=["spec"],
+        rules=[
+            {
+                # workers > 1 creates a headless Service and gives pods hostnames named after the job.
+                "rule": "!has(self.spec.workers) || self.spec.workers <= 1 || "
+                f"self.metadata.name.matches('{DNS1035_LABEL}')",
+                "message": "metadata.name: with spec.workers > 1 the name must start with a letter and hold only "
+                "lowercase letters, digits and '-' (it names the workers' Service and hostnames); rename the job",
+            }
+        ],
     )
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

@@ -113,6 +113,7 @@ class JobSpec:
     affinity: Mapping[str, Any] | None = None
     priority_class_name: str | None = None
     service_account_name: str | None = None
+    automount_service_account_token: bool = False
     termination_grace_period_seconds: int = 60
     pod_template: PodTemplate = field(default_factory=PodTemplate)
     wandb_secret: SecretRef | None = None
@@ -234,6 +235,7 @@ def parse_spec(raw: Mapping[str, Any], default_image: str = "") -> JobSpec:
         affinity=raw.get("affinity"),
         priority_class_name=raw.get("priorityClassName"),
         service_account_name=raw.get("serviceAccountName"),
+        automount_service_account_token=bool(raw.get("automountServiceAccountToken", False)),
         termination_grace_period_seconds=_int_or(
             raw, "terminationGracePeriodSeconds", "spec.terminationGracePeriodSeconds", 60
         ),

@@ -46,7 +46,8 @@ def _fit(base: str, suffix: str = "", limit: int = 63) -> str:
         return base + suffix
     digest = hashlib.sha256(base.encode()).hexdigest()[:8]
     keep = limit - len(suffix) - len(digest) - 1
-    return f"{base[:keep].rstrip('-')}-{digest}{suffix}"
+    # No '-' or '.' before the hash: '.-' is not valid in a DNS name, and a label value must end alphanumeric.
+    return f"{base[:keep].rstrip('-.')}-{digest}{suffix}"
 
 
 def job_label(name: str) -> str:
@@ -313,7 +314,7 @@ def trainer_pod(
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
-        "automountServiceAccountToken": bool(spec.service_account_name),
+        "automountServiceAccountToken": spec.automount_service_account_token,  # off unless the job asks
         "enableServiceLinks": False,
         "securityContext": _pod_security(),
         "containers": [_container(job, attempt, rank)],

@@ -42,7 +42,11 @@ NAMESPACED_KINDS = (
     "servicemonitors.monitoring.coreos.com,podmonitors.monitoring.coreos.com,"
     "prometheusrules.monitoring.coreos.com"
 )
-CLUSTER_KINDS = "clusterroles.rbac.authorization.k8s.io,clusterrolebindings.rbac.authorization.k8s.io"
+CLUSTER_KINDS = (
+    "clusterroles.rbac.authorization.k8s.io,clusterrolebindings.rbac.authorization.k8s.io,"
+    "validatingadmissionpolicies.admissionregistration.k8s.io,"
+    "validatingadmissionpolicybindings.admissionregistration.k8s.io"
+)
 
 
 def release_name() -> str:

@@ -103,7 +103,7 @@ def test_default_render(helm: Helm) -> None:
     kinds = sorted(o["kind"] for o in objs)
     assert kinds == sorted(
         ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Service", "Deployment",
-         "ConfigMap", "Pod"]
+         "ConfigMap", "Pod", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
     )  # fmt: skip
     dep = one(objs, "Deployment")
     pod = dep["spec"]["template"]["spec"]
@@ -234,6 +234,67 @@ def test_monitoring_objects_select_what_the_operator_builds(helm: Helm) -> None:
     assert one(namespaced, "PodMonitor")["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
 
 
+def test_admission_policy_guards_finetunejobs(helm: Helm) -> None:
+    """On by default: Deny, failing closed, on the operator's own GROUP/PLURAL; the lists reach the CEL as
+    literals; the image rule only when prefixes are set; the binding follows watchNamespaces.
+    tests/chart/test_admission_policy.py runs it on the API server."""
+    from kubetune_operator.api import GROUP, PLURAL
+
+    objs = helm.template({})
+    vap, binding = one(objs, "ValidatingAdmissionPolicy"), one(objs, "ValidatingAdmissionPolicyBinding")
+    assert vap["metadata"]["name"] == binding["spec"]["policyName"] == "kt-kubetune-finetunejobs"
+    assert vap["spec"]["failurePolicy"] == "Fail"
+    assert vap["spec"]["matchConstraints"]["resourceRules"] == [
+        {
+            "apiGroups": [GROUP],
+            "apiVersions": ["*"],
+            "operations": ["CREATE", "UPDATE"],
+            "resources": [PLURAL],
+        }
+    ]
+    variables = {v["name"]: v["expression"] for v in vap["spec"]["variables"]}
+    assert variables["allowedServiceAccounts"] == '["default"]'
+    assert "allowedImagePrefixes" not in variables
+    (rule,) = vap["spec"]["validations"]
+    assert (
+        "spec.serviceAccountName" in rule["message"] and "admission.allowedServiceAccounts" in rule["message"]
+    )
+    assert binding["spec"]["validationActions"] == ["Deny"] and "matchResources" not in binding["spec"]
+
+    objs = helm.template(
+        {
+            **VALUE_SETS["namespaced"],
+            "trainer": {"image": {"tag": "cu124"}},
+            "admission": {
+                "allowedServiceAccounts": ["default", "puller"],
+                "allowedImagePrefixes": ["r.io/ml/"],
+            },
+        }
+    )
+    vap, binding = one(objs, "ValidatingAdmissionPolicy"), one(objs, "ValidatingAdmissionPolicyBinding")
+    variables = {v["name"]: v["expression"] for v in vap["spec"]["variables"]}
+    assert json.loads(variables["allowedServiceAccounts"]) == ["default", "puller"]
+    assert json.loads(variables["allowedImagePrefixes"]) == ["r.io/ml/"]
+    assert json.loads(variables["defaultImage"]) == "ghcr.io/kubetune/kubetune-trainer:cu124"
+    image_rule = vap["spec"]["validations"][1]
+    assert "spec.image" in image_rule["message"] and "admission.allowedImagePrefixes" in image_rule["message"]
+    assert binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"] == [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}
+    ]
+
+    off = helm.template({"admission": {"enabled": False}})
+    assert not [o for o in off if o["kind"].startswith("ValidatingAdmissionPolicy")]
+
+
+def test_admission_policy_needs_kubernetes_1_30(helm: Helm, tmp_path: Path) -> None:
+    """Before 1.30 the chart refuses to install without the policy rather than silently dropping it."""
+    old = ("template", "kt", str(CHART), "--kube-version", "v1.29.3")
+    out = helm.run(*old, check=False)
+    assert out.returncode != 0 and "admission.enabled needs Kubernetes 1.30+" in out.stderr, out.stderr
+    off = values_file(tmp_path, {"admission": {"enabled": False}})
+    assert helm.run(*old, "-f", str(off)).returncode == 0
+
+
 def test_ha_and_options(helm: Helm) -> None:
     objs = helm.template(VALUE_SETS["ha"])
     dep = one(objs, "Deployment")
@@ -289,6 +350,29 @@ BAD_VALUES = [
     ("duration", {"prometheusRule": {"preemptionsWindow": "1 hour"}}, ["preemptionsWindow"]),
     ("bool type", {"dashboard": {"enabled": "yes"}}, ["dashboard", "enabled"]),
     ("zero workers", {"operator": {"workers": 0}}, ["workers"]),
+    ("admission typo", {"admission": {"allowedImagePrefix": []}}, ["allowedImagePrefix"]),
+    ("admission bool", {"admission": {"enabled": "yes"}}, ["admission", "enabled"]),
+    ("SA list expected", {"admission": {"allowedServiceAccounts": "default"}}, ["allowedServiceAccounts"]),
+    ("SA list empty", {"admission": {"allowedServiceAccounts": []}}, ["allowedServiceAccounts"]),
+    ("SA name", {"admission": {"allowedServiceAccounts": ["Builder_SA"]}}, ["allowedServiceAccounts"]),
+    ("SA item type", {"admission": {"allowedServiceAccounts": [7]}}, ["allowedServiceAccounts"]),
+    ("prefix list expected", {"admission": {"allowedImagePrefixes": "ghcr.io/"}}, ["allowedImagePrefixes"]),
+    (
+        "prefix item type",
+        {"admission": {"allowedImagePrefixes": [{"ghcr.io": "/"}]}},
+        ["allowedImagePrefixes"],
+    ),
+    # Without a trailing /, : or @ the prefix would also admit registry.example.com.evil.io/...
+    (
+        "open prefix",
+        {"admission": {"allowedImagePrefixes": ["registry.example.com"]}},
+        ["allowedImagePrefixes"],
+    ),
+    (
+        "prefix quote",
+        {"admission": {"allowedImagePrefixes": ["a/' || true || '/"]}},
+        ["allowedImagePrefixes"],
+    ),
 ]
 
 

@@ -131,6 +131,17 @@ def test_scheduling_fields_pass_through():
     assert {"name": "X", "value": "1"} in pod["spec"]["containers"][0]["env"]
 
 
+def test_service_account_token_only_when_the_job_asks():
+    """Naming a ServiceAccount (e.g. for its image pull secrets) does not mount its API token: only
+    spec.automountServiceAccountToken does, and the TensorBoard server never gets one."""
+    named = builders.trainer_pod(job(serviceAccountName="puller"), 1, 0)["spec"]
+    assert named["serviceAccountName"] == "puller" and named["automountServiceAccountToken"] is False
+    asked = job(serviceAccountName="k8s-client", automountServiceAccountToken=True)
+    assert asked.spec.automount_service_account_token is True
+    assert all(p["spec"]["automountServiceAccountToken"] is True for p in builders.attempt_pods(asked, 1))
+    assert builders.tensorboard_pod(asked)["spec"]["automountServiceAccountToken"] is False
+
+
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [

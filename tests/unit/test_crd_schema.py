@@ -55,6 +55,7 @@ EXPECTED_DEFAULTS: dict[str, Any] = {
     "resources.gpus": 1,
     "resources.gpuResource": "nvidia.com/gpu",
     "terminationGracePeriodSeconds": 60,
+    "automountServiceAccountToken": False,
     "runPolicy.backoffLimit": 3,
     "runPolicy.suspend": False,
 }

@@ -568,6 +568,7 @@ OPERATOR_ONLY_TOP = frozenset(
         "affinity",
         "priorityClassName",
         "serviceAccountName",
+        "automountServiceAccountToken",
         "terminationGracePeriodSeconds",
         "podTemplate",
         "runPolicy",
