@@ -179,9 +179,11 @@ def string_map(
         "additionalProperties": value,
     }
     if keys:
+        # Annotation keys are checked lowercased by the API server (an uppercase prefix is valid there).
+        key = "k.lowerAscii()" if keys == "annotation" else "k"
         schema["x-kubernetes-validations"] = [
             {
-                "rule": f"self.all(k, size(k) <= 316 && k.matches('{QUALIFIED_NAME}'))",
+                "rule": f"self.all(k, size(k) <= 317 && {key}.matches('{QUALIFIED_NAME}'))",
                 "message": f"every {keys} key must be [prefix/]name: name up to 63 characters of letters, digits, "
                 "'-', '_' and '.', starting and ending alphanumeric; prefix a DNS subdomain",
             }
@@ -731,10 +733,12 @@ def build_crd() -> dict[str, Any]:
         rules=[
             {
                 # workers > 1 creates a headless Service and gives pods hostnames named after the job.
-                "rule": "!has(self.spec.workers) || self.spec.workers <= 1 || "
+                "rule": "!((has(self.spec.workers) && self.spec.workers > 1) || (has(self.spec.tensorboard) && "
+                "has(self.spec.tensorboard.serve) && self.spec.tensorboard.serve)) || "
                 f"self.metadata.name.matches('{DNS1035_LABEL}')",
-                "message": "metadata.name: with spec.workers > 1 the name must start with a letter and hold only "
-                "lowercase letters, digits and '-' (it names the workers' Service and hostnames); rename the job",
+                "message": "metadata.name: with spec.workers > 1 or spec.tensorboard.serve the name must start "
+                "with a letter and hold only lowercase letters, digits and '-' (it names the job's Services and "
+                "the workers' hostnames); rename the job",
             }
         ],
     )

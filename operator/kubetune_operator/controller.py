@@ -27,7 +27,7 @@ from kubetune_operator.informer import Informer
 from kubetune_operator.kube import ApiError, Kube
 from kubetune_operator.metrics import OperatorMetrics, parse_trainer_metrics
 from kubetune_operator.runtime import WorkQueue
-from kubetune_operator.status import FINISHED, fmt_time, set_phase, status_patch
+from kubetune_operator.status import FINISHED, fmt_time, parse_time, set_phase, status_patch
 
 log = logging.getLogger(__name__)
 JobKey = tuple[str, str]  # (namespace, name)
@@ -83,15 +83,15 @@ class Controller:
         self.board_errors: dict[JobKey, str] = {}
         # The API's refusal of a child of the current attempt, until a create of that attempt succeeds.
         self.create_errors: dict[JobKey, lifecycle.CreateError] = {}
-        selector = builders.LABEL_JOB
-        self.pod_informers = [
-            Informer(kube, path, self.pod_event, label_selector=selector)
-            for path in (
-                [f"/api/v1/namespaces/{ns}/pods" for ns in config.namespaces]
-                if config.namespaces
-                else ["/api/v1/pods"]
-            )
-        ]
+        self.own_writes: dict[JobKey, int] = {}  # resourceVersion our last status write returned
+        # Pods this process created that no watch event has shown yet (name -> the object sent).
+        self.created: dict[JobKey, dict[str, dict[str, Any]]] = {}
+        self.pod_informers = self._informers("pods", self.pod_event)
+        # The attempt children that outlive pods, cached so a replacement skips the create round trips of
+        # what already exists (only the status write and the pod create are on the recovery path).
+        self.child_informers = {
+            kind: self._informers(plural, lambda _t, _o: None) for kind, plural in _CHILD_PLURALS.items()
+        }
         self.metrics = OperatorMetrics(
             lambda: [(j.get("status") or {}).get("phase") or "Pending" for j in self.jobs.values()],
             lambda: self.kube.requests,
@@ -105,14 +105,12 @@ class Controller:
         key = (meta.get("namespace", ""), meta.get("name", ""))
         if event_type == "DELETED":
             self.jobs.pop(key, None)
-            self.pods.pop(key, None)
-            self.scrapes.pop(key, None)
-            self.claim_modes.pop(key, None)
-            self.board_errors.pop(key, None)
-            self.create_errors.pop(key, None)
+            self._forget(key)
             self.queue.forget(key)
             return
         cached = self.jobs.get(key)
+        if cached is not None and cached["metadata"].get("uid") != meta.get("uid"):
+            self._forget(key)  # a new job with the same name: nothing of the old one's bookkeeping applies
         if (
             cached is not None
             and _rv(cached) > _rv(body)
@@ -122,6 +120,14 @@ class Controller:
         self.jobs[key] = copy.deepcopy(dict(body))
         self.queue.add(key)
 
+    def _forget(self, key: JobKey) -> None:
+        for cache in (
+            self.scrapes, self.claim_modes, self.board_errors, self.create_errors, self.own_writes, self.created
+        ):  # fmt: skip
+            cache.pop(key, None)
+        self.ended_at.pop(key, None)
+        # Pod entries stay (views filter them by owner uid): a gone pod of the old job must stay gone.
+
     def pod_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
         job = (meta.get("labels") or {}).get(builders.LABEL_JOB)
@@ -129,11 +135,13 @@ class Controller:
         if not job or owner is None:
             return
         key = (meta.get("namespace", ""), owner.get("name", job))
+        self.created.get(key, {}).pop(meta.get("name", ""), None)
         entries = self.pods.setdefault(key, {})
         entry = entries.get(meta["name"])
         gone = event_type == "DELETED"
         if (
             entry is not None
+            and not gone  # a DELETED (a re-list's carries the last state seen) is never stale
             and entry.body["metadata"].get("uid") == meta.get("uid")
             and _rv(entry.body) > _rv(body)
         ):
@@ -144,10 +152,30 @@ class Controller:
         entries[meta["name"]] = new
         self.queue.add(key)
 
+    def _informers(self, plural: str, handler: Any) -> list[Informer]:
+        """One informer per watched namespace (or one for all) of the objects labelled with a job name."""
+        paths = (
+            [f"/api/v1/namespaces/{ns}/{plural}" for ns in self.config.namespaces]
+            if self.config.namespaces
+            else [f"/api/v1/{plural}"]
+        )
+        return [Informer(self.kube, path, handler, label_selector=builders.LABEL_JOB) for path in paths]
+
+    def _cached_child(self, obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        """The cached copy of a PVC, ConfigMap or Service the plan wants, when a synced informer has it."""
+        meta = obj["metadata"]
+        for inf in self.child_informers.get(obj["kind"], []):
+            if inf.synced.is_set():
+                found = inf.store.get(f"{meta.get('namespace', '')}/{meta['name']}")
+                if found is not None:
+                    return found
+        return None
+
     # -- lifecycle of the controller --------------------------------------------------------------------
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.config.workers)]
-        self._tasks += [asyncio.create_task(inf.run()) for inf in self.pod_informers]
+        informers = [*self.pod_informers, *(i for infs in self.child_informers.values() for i in infs)]
+        self._tasks += [asyncio.create_task(inf.run()) for inf in informers]
         self._tasks.append(asyncio.create_task(self._resync()))
 
     async def _resync(self) -> None:
@@ -178,6 +206,8 @@ class Controller:
             try:
                 if not self.active.is_set():
                     await self.active.wait()
+                # Never plan from a pod cache that has not listed yet (it would miss live pods).
+                await asyncio.gather(*(inf.synced.wait() for inf in self.pod_informers))
                 started = time.perf_counter()
                 requeue = await self.reconcile(key)
                 self.metrics.reconcile.observe(time.perf_counter() - started)
@@ -226,9 +256,22 @@ class Controller:
         plan = lifecycle.plan(obs, self.config.lifecycle)
         if not self.active.is_set():
             return None  # leadership was lost while observing: write and create nothing (set_leader requeues)
-        if not await self._write_status(key, body, status, plan.status):
+        # When the job we planned from is the one our own last write returned (nobody wrote since), the
+        # status write and the creates go out together: a replacement pod waits for one round trip, not
+        # two. Counting stays exactly-once: only the write (guarded by resourceVersion) counts. Otherwise
+        # (another replica or a user wrote last) the write goes first, so a plan from a stale status that
+        # loses the write creates nothing.
+        if plan.create and _rv(body) == self.own_writes.get(key):
+            wrote, created = await asyncio.gather(
+                self._write_status(key, body, status, plan.status), self._create_children(key, plan)
+            )
+        else:
+            wrote = await self._write_status(key, body, status, plan.status)
+            created = wrote and await self._create_children(key, plan)
+        if not wrote:
             return 0.5  # someone wrote first: re-plan from the newer object
-        if not await self._apply(key, body, job, plan):
+        await self._apply(key, body, job, plan, created)
+        if not created:
             return 0.0  # the API refused a child: the next plan says so in the status
         if not await self._apply_tensorboard(key, plan):
             return 0.5  # show why in the condition
@@ -262,10 +305,20 @@ class Controller:
             # Pods of the live attempt that the watch has not shown: the cache may lag our own create.
             for rank in range(job.spec.workers):
                 name = builders.pod_name(job.ref.name, attempt, rank)
-                if name not in entries:
+                if name not in entries or _owner_uid(entries[name].body) != job.ref.uid:
                     pod = await self.kube.get("v1", "Pod", job.ref.namespace, name)
                     if pod is not None:
+                        for inf in self.pod_informers:
+                            inf.remember(pod)  # so a later re-list reports it if it vanishes
                         self.pod_event("ADDED", pod)
+                    elif name in self.created.get(key, {}):
+                        # We created it, and it is gone before the watch showed it (client-go's
+                        # expectations): a disruption, never a reason to create it again.
+                        self.pod_event("DELETED", self.created[key][name])
+                    else:
+                        last = await self._vanished(key, job, attempt, rank)
+                        if last is not None:
+                            self.pod_event("DELETED", last)
         views = []
         for entry in entries.values():
             if _owner_uid(entry.body) != job.ref.uid:
@@ -274,6 +327,51 @@ class Controller:
                 continue
             views.append(pods.pod_view(entry.body, gone=entry.gone))
         return views
+
+    async def _vanished(
+        self, key: JobKey, job: FineTuneJob, attempt: int, rank: int
+    ) -> dict[str, Any] | None:
+        """A pod of the live attempt that no watch event, GET or create of this process knows (it went
+        while the operator was down). Its Events say whether it existed (the scheduler records every
+        binding or failure to bind) and, where they can, why it went. With none, it never existed: None,
+        and the lifecycle creates it without counting anything."""
+        name = builders.pod_name(job.ref.name, attempt, rank)
+        params = {"fieldSelector": f"involvedObject.kind=Pod,involvedObject.name={name}"}
+        try:
+            doc = await self.kube.request(
+                "GET", f"/api/v1/namespaces/{job.ref.namespace}/events", params=params
+            )
+        except ApiError as err:
+            log.warning("%s/%s: cannot read the Events of pod %s: %s", *key, name, err)
+            return None
+        born = parse_time(((self.jobs.get(key) or {}).get("metadata") or {}).get("creationTimestamp"))
+        items = [e for e in doc.get("items") or [] if born is None or (_event_time(e) or born) >= born]
+        if not items:
+            return None
+        pod = builders.trainer_pod(job, attempt, rank)
+        cause = next(
+            (
+                (_EVENT_CAUSES[e.get("reason", "")], str(e.get("message") or ""))
+                for e in items
+                if e.get("reason") in _EVENT_CAUSES
+            ),
+            None,
+        )
+        if cause is not None:
+            condition = {
+                "type": "DisruptionTarget",
+                "status": "True",
+                "reason": cause[0],
+                "message": cause[1],
+            }
+            pod["status"] = {"conditions": [condition]}
+        log.info(
+            "%s/%s: pod %s went while the operator was down (%s)",
+            *key,
+            name,
+            cause[0] if cause else "no cause recorded",
+        )
+        return pod
 
     def _tensorboard_server(self, key: JobKey, job: FineTuneJob) -> tensorboard.ServerView | None:
         """The standalone TensorBoard pod of this job, as the watch showed it last."""
@@ -404,19 +502,21 @@ class Controller:
                 return False
             raise
         self.jobs[key] = updated
+        self.own_writes[key] = _rv(updated)
         return True
 
-    async def _apply(self, key: JobKey, body: dict[str, Any], job: FineTuneJob, plan: lifecycle.Plan) -> bool:
-        """Carry out the plan; False when the API refused a child (remembered for the next plan)."""
+    async def _apply(
+        self, key: JobKey, body: dict[str, Any], job: FineTuneJob, plan: lifecycle.Plan, created: bool
+    ) -> None:
+        """Carry out the rest of the plan once its status is written; `created`: its children were
+        (when not, the attempt did not start: no recovery time, no AttemptStarted)."""
         ns = job.ref.namespace
         if plan.preempted:
             self.metrics.preemptions.labels(reason=plan.preempted).inc()
             self.metrics.lost_steps.inc(plan.lost_steps)
             # Recovery is timed from when the watch showed the attempt ending (or now, if it never did).
             self.ended_at[key] = self._attempt_end_time(key) or time.monotonic()
-        if plan.create and not await self._create_children(key, plan):
-            return False
-        if plan.started_attempt is not None:
+        if plan.started_attempt is not None and created:
             ended = self.ended_at.pop(key, None)
             if ended is not None:
                 self.metrics.recovery.observe(time.monotonic() - ended)
@@ -430,20 +530,24 @@ class Controller:
             self.metrics.pod_failures.labels(cause=plan.failed).inc()
         current = self.jobs.get(key, body)
         for event in plan.events:
+            if event.reason == "AttemptStarted" and not created:
+                continue
             await self.kube.post_event(current, event.type, event.reason, event.message, COMPONENT)
         if plan.delete_job:
             await self.kube.delete(API_VERSION, "FineTuneJob", ns, job.ref.name)
-        return True
 
     async def _create_children(self, key: JobKey, plan: lifecycle.Plan) -> bool:
-        """Create the attempt's children in order; the trainer ConfigMap is replaced when it exists, so
-        each attempt runs with the spec as it is when the attempt starts (mutable fields included)."""
+        """Create the attempt's children in order; False when the API refused one (kept for the next plan).
+
+        The trainer ConfigMap is replaced when it exists, so each attempt runs with the spec as it is when
+        the attempt starts (mutable fields included); but only when it is this job's own. A name taken by
+        an object of another owner (an earlier job's pod still Terminating, a user's ConfigMap) is a
+        refusal with a retry, never a silent success or an overwrite."""
         attempt = int(plan.status.get("attempt") or 0)
         for obj in plan.create:
             meta = obj["metadata"]
             try:
-                if not await self.kube.create(obj) and obj["kind"] == "ConfigMap":
-                    await self.kube.replace(obj)
+                await self._create_child(key, obj)
             except (ApiError, aiohttp.ClientError, TimeoutError) as err:
                 status = err.status if isinstance(err, ApiError) else 0
                 message = err.message if isinstance(err, ApiError) else str(err) or type(err).__name__
@@ -457,6 +561,33 @@ class Controller:
         if plan.started_attempt is not None:
             self.create_errors.pop(key, None)
         return True
+
+    async def _create_child(self, key: JobKey, obj: dict[str, Any]) -> None:
+        kind, meta = obj["kind"], obj["metadata"]
+        cached = self._cached_child(obj)
+        if cached is not None and (kind != "ConfigMap" or cached.get("data") == obj.get("data")):
+            return  # exists as wanted
+        if cached is None and await self.kube.create(obj):
+            if kind == "Pod" and meta["name"] not in self.pods.get(key, {}):
+                self.created.setdefault(key, {})[meta["name"]] = obj  # until a watch event shows it
+            return
+        if kind not in ("Pod", "ConfigMap"):
+            return  # the claim or Service exists: deterministic names make that a success
+        # A fresh read (not the cache): its resourceVersion guards the replace below.
+        current = await self.kube.get("v1", kind, meta["namespace"], meta["name"])
+        if current is None:
+            raise ApiError(
+                409, "Conflict", f"{kind} {meta['name']} was deleted while being created; retrying"
+            )
+        want = _owner_uid(obj)
+        if _owner_uid(current) != want:
+            what = "an earlier FineTuneJob's pod of the same name is still there (Terminating)"
+            if kind == "ConfigMap":
+                what = "a ConfigMap of that name exists and is not this job's; kubetune will not overwrite it"
+            raise ApiError(409, "AlreadyExists", f"{what}: delete it or rename the job")
+        if kind == "ConfigMap":
+            rv = (current.get("metadata") or {}).get("resourceVersion")
+            await self.kube.replace({**obj, "metadata": {**meta, "resourceVersion": rv}})
 
     async def _apply_tensorboard(self, key: JobKey, plan: lifecycle.Plan) -> bool:
         """Create the TensorBoard objects; False when the API refused one (a quota, a LimitRange): that is
@@ -477,6 +608,31 @@ class Controller:
         entries = self.pods.get(key, {}).values()
         times = [e.ended_at for e in entries if e.ended_at is not None and not _is_tensorboard_server(e.body)]
         return max(times) if times else None
+
+
+# Event reasons that say why a pod went, as the DisruptionTarget condition would have (read when the pod
+# itself is gone): the scheduler's preemption, the taint manager, the kubelet's node-pressure eviction.
+_EVENT_CAUSES = {
+    "Preempted": "PreemptionByScheduler",
+    "TaintManagerEviction": "DeletionByTaintManager",
+    "Evicted": "TerminationByKubelet",
+}
+
+
+def _event_time(event: Mapping[str, Any]) -> datetime | None:
+    return parse_time(
+        event.get("eventTime")
+        or event.get("lastTimestamp")
+        or event.get("firstTimestamp")
+        or (event.get("metadata") or {}).get("creationTimestamp")
+    )
+
+
+_CHILD_PLURALS = {
+    "PersistentVolumeClaim": "persistentvolumeclaims",
+    "ConfigMap": "configmaps",
+    "Service": "services",
+}
 
 
 def _owner_uid(body: Mapping[str, Any]) -> str | None:

@@ -73,6 +73,16 @@ class Informer:
         self.relists = 0
         self.synced = asyncio.Event()  # set once the first list is in the store
 
+    def remember(self, obj: Mapping[str, Any]) -> None:
+        """Put an object read outside the watch (a GET) in the store when this informer covers it, so a
+        later re-list reports it DELETED should it vanish."""
+        meta = obj.get("metadata") or {}
+        if "/namespaces/" in self.path and f"/namespaces/{meta.get('namespace')}/" not in self.path:
+            return
+        key = _key(obj)
+        if key not in self.store:
+            self.store[key] = obj
+
     async def run(self) -> None:
         """Forever: list, then watch from the list's resourceVersion until the stream is stale or broken."""
         while True:

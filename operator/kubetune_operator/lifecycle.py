@@ -252,10 +252,18 @@ def _plan_training(obs: Observed, settings: Settings, d: _Draft) -> None:
     if st.get("phase") == "Suspended":
         _mark(d, obs, "Pending", "Resumed", f"resuming: attempt {attempt} will continue from the checkpoint")
 
+    seen = {p.rank for p in obs.pods if p.attempt == attempt}
+    every_rank_seen = seen >= set(range(job.spec.workers))
     err = obs.create_error
-    if err is not None and err.attempt == attempt and not st.get("nextAttemptTime"):
+    if err is not None and err.attempt == attempt and not every_rank_seen and not st.get("nextAttemptTime"):
         _create_refused(obs, err, d, settings)
         return
+
+    if not st.get("nextAttemptTime") and not every_rank_seen:
+        # Recorded as created, yet neither the watch, a GET nor this process's own creates know of the
+        # missing ranks: the operator stopped (or lost the lease) between the status write and the create.
+        # They are created now, and nothing is counted: no pod of theirs ever ran.
+        st["nextAttemptTime"] = fmt_time(obs.now)
 
     if st.get("nextAttemptTime"):
         _start_attempt(obs, ends, d, settings)
@@ -374,6 +382,7 @@ def _deadline_passed(obs: Observed, d: _Draft) -> bool:
 
 def _fail(obs: Observed, d: _Draft, reason: str, message: str) -> None:
     _mark(d, obs, "Failed", reason, message)
+    _unblock(obs, d, "the job failed")
     d.status["completionTime"] = fmt_time(obs.now)
     d.status.pop("nextAttemptTime", None)
     d.events.append(Event("Warning", reason, message))
@@ -392,6 +401,7 @@ def _suspend(obs: Observed, ends: Mapping[str, PodEnd], d: _Draft) -> None:
         for pod in _current_pods(obs, attempt):
             if not pod.gone and pod.deleting_since is None and ends[pod.name].outcome not in ENDED:
                 d.delete.append(pod.name)
+    _unblock(obs, d, "the job is suspended")
     if st.get("phase") != "Suspended":
         _mark(d, obs, "Suspended", "Suspended", "runPolicy.suspend is true: pods stopped after checkpointing")
         d.events.append(
@@ -461,12 +471,13 @@ def _start_attempt(
     )
 
 
-def _unblock(obs: Observed, d: _Draft) -> None:
-    """The attempt's pods exist: a Blocked condition from a refused create turns False."""
+def _unblock(obs: Observed, d: _Draft, why: str = "") -> None:
+    """A Blocked condition from a refused create turns False: the attempt's pods exist (or, with `why`,
+    the job stopped creating pods)."""
     cond = get_condition(d.status, "Blocked")
     if cond is not None and cond.get("status") == "True":
-        msg = "the API server accepted the attempt's pods"
-        set_condition(d.status, "Blocked", False, "Created", msg, obs.now, obs.job.ref.generation)
+        reason, msg = ("Stopped", why) if why else ("Created", "the API server accepted the attempt's pods")
+        set_condition(d.status, "Blocked", False, reason, msg, obs.now, obs.job.ref.generation)
 
 
 def _current_pods(obs: Observed, attempt: int) -> list[PodView]:
@@ -530,7 +541,7 @@ def _create_refused(obs: Observed, err: CreateError, d: _Draft, settings: Settin
     d.requeue.append(delay)
     phase = "Pending" if attempt == 1 or st.get("phase") in (None, "Pending") else "Restarting"
     msg = f"attempt {attempt}: {said}{fix}; retrying with backoff"
-    _mark(d, obs, phase, "CreateRefused", msg)
+    _mark(d, obs, phase, _restart_cause(st, "CreateRefused"), msg)
     blocked = get_condition(st, "Blocked")
     if blocked is None or blocked.get("status") != "True" or blocked.get("message") != msg:
         set_condition(st, "Blocked", True, "CreateRefused", msg, obs.now, obs.job.ref.generation)

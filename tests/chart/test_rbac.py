@@ -41,10 +41,10 @@ NAMESPACED = {
     ("finetunejobs.kubetune.io", ""): {"get", "list", "watch", "delete"},
     ("finetunejobs.kubetune.io/status", ""): {"patch"},
     ("pods", ""): {"get", "list", "watch", "create", "delete"},
-    ("persistentvolumeclaims", ""): {"get", "create"},
-    ("configmaps", ""): {"create"},
-    ("services", ""): {"create", "delete"},
-    ("events", ""): {"create"},
+    ("persistentvolumeclaims", ""): {"get", "list", "watch", "create"},
+    ("configmaps", ""): {"get", "list", "watch", "create", "update"},
+    ("services", ""): {"list", "watch", "create", "delete"},
+    ("events", ""): {"list", "create"},
 }
 CLUSTER = {
     ("nodes", ""): {"get"},

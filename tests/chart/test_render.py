@@ -32,10 +32,10 @@ NAMESPACED_RULES = [
     },
     {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs/status"], "verbs": ["patch"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete"]},
-    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get", "create"]},
-    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
-    {"apiGroups": [""], "resources": ["services"], "verbs": ["create", "delete"]},
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get", "list", "watch", "create"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "update"]},
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch", "create", "delete"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["list", "create"]},
 ]
 CLUSTER_RULES = [
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
@@ -366,6 +366,12 @@ BAD_VALUES = [
     (
         "open prefix",
         {"admission": {"allowedImagePrefixes": ["registry.example.com"]}},
+        ["allowedImagePrefixes"],
+    ),
+    # A bare "name:" would also admit the registry name:5000/...: a prefix starts with a registry host and /.
+    (
+        "registry-less tag prefix",
+        {"admission": {"allowedImagePrefixes": ["ubuntu:"]}},
         ["allowedImagePrefixes"],
     ),
     (

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -18,7 +19,14 @@ from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 from test_operator import events, get_job, pod_names, running_job, wait_pod, wait_status
 
-from kubeutil import CLUSTER_SH, wait_for
+from kubeutil import (
+    CLUSTER_SH,
+    create_kwok_node,
+    dedicated_toleration,
+    delete_node_if_exists,
+    fake_pod,
+    wait_for,
+)
 from opkit import apply, job_manifest
 
 pytestmark = pytest.mark.cluster
@@ -214,3 +222,69 @@ def test_no_twin_when_every_first_pod_is_preempted_the_moment_it_runs(
     twins = {n: c for n, c in added.items() if c > 1}
     assert twins == {}, twins
     assert deleted == jobs * rounds
+
+
+def _blocked(s: dict) -> bool:
+    return any(c["type"] == "Blocked" and c["status"] == "True" for c in s.get("conditions") or [])
+
+
+def test_a_configmap_that_is_not_the_jobs_is_never_overwritten(kube, operator, custom, core_v1, namespace):
+    """A user who may only create FineTuneJobs must not get the operator to replace another ConfigMap."""
+    core_v1.create_namespaced_config_map(namespace, {"metadata": {"name": "ft-job"}, "data": {"keep": "me"}})
+    apply(kube, namespace, job_manifest("ft"))
+    st = wait_status(custom, namespace, "ft", _blocked, "Blocked")
+    assert "ConfigMap ft-job" in st["message"] and "not this job's" in st["message"]
+    cm = core_v1.read_namespaced_config_map("ft-job", namespace)
+    assert cm.data == {"keep": "me"} and not cm.metadata.owner_references
+    assert pod_names(core_v1, namespace) == []
+
+
+def test_a_pod_name_taken_by_another_owner_waits_then_starts(kube, operator, custom, core_v1, namespace):
+    """A job re-created under the name of one whose pod is still going: the name is taken by a pod that is
+    not this job's. That is a wait (Blocked, nothing counted), never a success or a false preemption."""
+    core_v1.create_namespaced_pod(namespace, fake_pod("ft-a1-0"))
+    apply(kube, namespace, job_manifest("ft", runPolicy={"maxPreemptions": 0}))
+    st = wait_status(custom, namespace, "ft", _blocked, "Blocked")
+    assert "pod of the same name" in st["message"] and st["preemptions"] == 0 and st["failures"] == 0
+    core_v1.delete_namespaced_pod("ft-a1-0", namespace, grace_period_seconds=0)
+
+    def owned() -> bool:
+        try:
+            return bool(core_v1.read_namespaced_pod("ft-a1-0", namespace).metadata.owner_references)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    wait_for(owned, timeout=60, desc="the job's own ft-a1-0")
+    st = wait_status(custom, namespace, "ft", lambda s: s.get("phase") == "Running", "Running")
+    assert st["preemptions"] == 0 and st["failures"] == 0
+
+
+def test_a_preemption_while_the_operator_was_down_keeps_its_reason(
+    kube, start_operator, custom, core_v1, namespace
+):
+    """The pod and its DisruptionTarget condition are gone when the operator comes back; the scheduler's
+    Preempted Event on the pod is what is left, and it names the cause."""
+    node = f"kwok-down-{namespace[-6:]}"
+    sched = client.SchedulingV1Api(core_v1.api_client)
+    low, high = f"low-{namespace[-6:]}", f"high-{namespace[-6:]}"
+    sched.create_priority_class({"metadata": {"name": low}, "value": 100})
+    sched.create_priority_class({"metadata": {"name": high}, "value": 100000})
+    create_kwok_node(core_v1, node, gpus=8)
+    placed = {"nodeSelector": {"kubernetes.io/hostname": node}, "tolerations": [dedicated_toleration(node)]}
+    try:
+        op = start_operator()
+        running_job(kube, custom, core_v1, namespace, resources={"gpus": 8}, priorityClassName=low, **placed)
+        op.stop(signal.SIGKILL)
+        core_v1.create_namespaced_pod(namespace, fake_pod("hog", gpus=8, priorityClassName=high, **placed))
+        wait_for(lambda: "ft-a1-0" not in pod_names(core_v1, namespace), timeout=30, desc="victim gone")
+        start_operator()
+        st = wait_status(
+            custom, namespace, "ft", lambda s: s.get("preemptions") == 1, "counted after restart"
+        )
+        assert st["preemptionsByReason"] == {"PreemptionByScheduler": 1} and st["failures"] == 0
+    finally:
+        delete_node_if_exists(core_v1, node)
+        sched.delete_priority_class(low)
+        sched.delete_priority_class(high)

@@ -547,3 +547,37 @@ def test_an_invalid_image_name_is_a_config_error_at_once():
     p = run(job, st, [bad])
     assert p.status["phase"] == "Failed" and p.status["failures"] == 0
     assert "spec.image" in p.status["message"]
+
+
+def test_pods_recorded_but_never_seen_are_created_without_counting():
+    """The operator stopped between the status write and the create: after a restart neither the watch nor
+    a GET knows the pod. It is created then; nothing is counted (no pod of that attempt ever ran)."""
+    job = make_job(maxPreemptions=0)
+    recorded = run(job, {}, []).status
+    p = run(job, recorded, [], now=T0 + timedelta(seconds=30))
+    assert pods_created(p) == ["demo-a1-0"] and p.status["attempt"] == 1
+    assert p.status["preemptions"] == 0 and p.status["failures"] == 0 and p.status["phase"] == "Pending"
+
+
+def test_a_create_error_is_ignored_once_every_rank_exists():
+    """A create that timed out but happened: the pod is seen, so the job runs and is not Blocked."""
+    job = make_job()
+    created = run(job, {}, [])
+    err = lc.CreateError(1, "Pod", "demo-a1-0", 0, "timeout")
+    p = run(job, created.status, [pod()], create_error=err)
+    assert p.status["phase"] == "Running" and get_condition(p.status, "Blocked") is None
+
+
+def test_a_refused_replacement_keeps_the_restart_cause_and_suspend_clears_blocked():
+    job = make_job()
+    st = started(job)
+    p = run(job, st, [pod(gone=True, disruption=PREEMPTED)])
+    assert pods_created(p) == ["demo-a2-0"]
+    err = lc.CreateError(2, "Pod", "demo-a2-0", 403, "exceeded quota: gpus")
+    refused = run(job, p.status, [pod(gone=True)], create_error=err)
+    assert get_condition(refused.status, "Restarting")["reason"] == "PreemptionByScheduler"
+    assert get_condition(refused.status, "Blocked")["status"] == "True"
+    assert "exceeded quota" in refused.status["message"]
+    suspended = run(make_job(suspend=True), refused.status, [pod(gone=True)])
+    assert suspended.status["phase"] == "Suspended"
+    assert get_condition(suspended.status, "Blocked")["status"] == "False"
