@@ -237,3 +237,93 @@ def test_pvc_in_default_class_binds_and_its_pod_schedules(core_v1: Any, namespac
         return False
 
     wait_for(pv_gone, timeout=60, desc=f"PV {pvc.spec.volume_name} deleted with its claim")
+
+
+def _last_before_deleted(pods: Any, name: str) -> dict[str, Any]:
+    """The last state of pod `name` a watch showed before its DELETED event."""
+    states = [o for t, o in pods.seen(name) if t != "DELETED"]
+    assert states, f"no state of {name} seen"
+    return states[-1]
+
+
+def test_a_deleted_pod_ends_as_a_kubelet_ends_it(
+    core_v1: Any, namespace: str, kwok_node: Any, priority_classes: tuple[str, str]
+) -> None:
+    """kwok terminates a pod marked for deletion as the kubelet does: its container exits 143, the pod goes
+    Failed with its DisruptionTarget condition kept, and only then is it removed."""
+    low, high = priority_classes
+    node = kwok_node(gpus=8)
+    core_v1.create_namespaced_pod(
+        namespace, fake_pod("victim", gpus=8, priorityClassName=low, **on_node(node))
+    )
+    wait_pod_running(core_v1, namespace, "victim")
+    with record_pods(core_v1, namespace) as pods:
+        core_v1.create_namespaced_pod(
+            namespace, fake_pod("preemptor", gpus=8, priorityClassName=high, **on_node(node))
+        )
+        pods.wait_for_event("victim", "DELETED", timeout=60)
+        last = _last_before_deleted(pods, "victim")
+    assert last["status"]["phase"] == "Failed", last["status"]
+    (cs,) = last["status"]["containerStatuses"]
+    assert cs["state"]["terminated"]["exitCode"] == 143 and not cs["ready"]
+    assert pod_conditions(last)["DisruptionTarget"]["reason"] == "PreemptionByScheduler"
+    assert pod_conditions(last)["Ready"]["status"] == "False"
+
+
+def test_a_finalizer_keeps_a_terminated_pod_until_its_owner_removes_it(
+    core_v1: Any, namespace: str, kwok_node: Any
+) -> None:
+    """Another controller's finalizer is never emptied by the fake kubelet: the pod stays, Failed, until
+    that controller (here: the test) removes it. Then it goes."""
+    node = kwok_node(gpus=0)
+    pod = fake_pod("held", **on_node(node))
+    pod["metadata"]["finalizers"] = ["example.com/hold"]
+    core_v1.create_namespaced_pod(namespace, pod)
+    wait_pod_running(core_v1, namespace, "held")
+    core_v1.delete_namespaced_pod("held", namespace)
+
+    def failed() -> bool:
+        p = read_pod_or_none(core_v1, namespace, "held")
+        return p is not None and p.status.phase == "Failed"
+
+    wait_for(failed, timeout=30, desc="held pod Failed")
+    holds_for(lambda: read_pod_or_none(core_v1, namespace, "held") is not None, 3, desc="held pod stays")
+    core_v1.patch_namespaced_pod("held", namespace, {"metadata": {"finalizers": None}})
+    wait_pod_gone(core_v1, namespace, "held")
+
+
+def test_a_batch_job_sees_its_deleted_pod_fail(
+    core_v1: Any, namespace: str, kwok_node: Any, api_client: Any
+) -> None:
+    """The Job controller's batch.kubernetes.io/job-tracking finalizer stays until the Job controller has
+    counted the pod: a deleted pod of a Job is counted failed, as on a real node."""
+    node = kwok_node(gpus=0)
+    batch = client.BatchV1Api(api_client)
+    template = fake_pod("x", **on_node(node))
+    batch.create_namespaced_job(
+        namespace,
+        {
+            "metadata": {"name": "j"},
+            "spec": {
+                "backoffLimit": 0,
+                "template": {"metadata": {"labels": {"app": "j"}}, "spec": template["spec"]},
+            },
+        },
+    )
+
+    def job_pod() -> Any:
+        items = core_v1.list_namespaced_pod(namespace, label_selector="app=j").items
+        running = [p for p in items if p.status.phase == "Running"]
+        return running[0] if running else None
+
+    first = wait_for(job_pod, timeout=60, desc="the Job's pod Running")
+    assert "batch.kubernetes.io/job-tracking" in (first.metadata.finalizers or [])
+    core_v1.delete_namespaced_pod(first.metadata.name, namespace)
+
+    def counted() -> Any:
+        st = batch.read_namespaced_job_status("j", namespace).status
+        return st if (st.failed or 0) >= 1 else None
+
+    st = wait_for(counted, timeout=60, desc="the Job counting its deleted pod failed")
+    assert st.failed == 1
+    wait_pod_gone(core_v1, namespace, first.metadata.name)
