@@ -27,7 +27,7 @@ from kubetune_operator.informer import Informer
 from kubetune_operator.kube import ApiError, Kube
 from kubetune_operator.metrics import OperatorMetrics, parse_trainer_metrics
 from kubetune_operator.runtime import WorkQueue
-from kubetune_operator.status import FINISHED, fmt_time, parse_time, set_phase, status_patch
+from kubetune_operator.status import JobStatus, fmt_time, parse_time, set_phase, status_patch
 
 log = logging.getLogger(__name__)
 JobKey = tuple[str, str]  # (namespace, name)
@@ -93,7 +93,7 @@ class Controller:
             kind: self._informers(plural, lambda _t, _o: None) for kind, plural in _CHILD_PLURALS.items()
         }
         self.metrics = OperatorMetrics(
-            lambda: [(j.get("status") or {}).get("phase") or "Pending" for j in self.jobs.values()],
+            lambda: [JobStatus.parse(j.get("status")).phase for j in self.jobs.values()],
             lambda: self.kube.requests,
         )
         self.active = asyncio.Event()  # set while this replica is the leader
@@ -183,7 +183,7 @@ class Controller:
         while True:
             await asyncio.sleep(self.config.resync_seconds)
             for key, body in list(self.jobs.items()):
-                if (body.get("status") or {}).get("phase") not in FINISHED:
+                if not JobStatus.parse(body.get("status")).finished:
                     self.queue.add(key)
 
     async def stop(self) -> None:
@@ -233,20 +233,19 @@ class Controller:
         except SpecError as err:
             await self._reject(body, status, err, now)
             return None
-        finished = status.get("phase") in FINISHED and job.spec.run_policy.ttl_seconds_after_finished is None
+        seen = JobStatus.parse(status)
+        finished = seen.finished and job.spec.run_policy.ttl_seconds_after_finished is None
         gone = all(e.gone for e in self.pods.get(key, {}).values())
         if finished and gone and not tensorboard.involved(job, status):
             return None
-        views = await self._pod_views(key, job, status)
+        views = await self._pod_views(key, job, seen)
         obs = lifecycle.Observed(
             job=job,
             status=status,
             pods=views,
             now=now,
-            progress=await self._scrape(key, job, status, views),
-            missing=await self._missing(job)
-            if status.get("nextAttemptTime") or "attempt" not in status
-            else (),
+            progress=await self._scrape(key, job, seen, views),
+            missing=await self._missing(job) if not seen.pods_created else (),
             unready_nodes=await self._unready_nodes(views),
             tensorboard_server=self._tensorboard_server(key, job),
             existing_claim_modes=await self._existing_claim_modes(key, job),
@@ -276,7 +275,7 @@ class Controller:
         if not await self._apply_tensorboard(key, plan):
             return 0.5  # show why in the condition
         requeue = plan.requeue_after
-        if plan.status.get("phase") == "Running" and job.spec.metrics_port:
+        if JobStatus.parse(plan.status).phase == "Running" and job.spec.metrics_port:
             requeue = min(requeue or self.config.scrape_interval, self.config.scrape_interval)
         return requeue
 
@@ -290,18 +289,16 @@ class Controller:
             )
             new["completionTime"] = fmt_time(now)
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
-        if await self._write_status(key, body, status, new) and status.get("phase") != "Failed":
+        if await self._write_status(key, body, status, new) and JobStatus.parse(status).phase != "Failed":
             await self.kube.post_event(body, "Warning", "InvalidSpec", str(err), COMPONENT)
 
-    async def _pod_views(
-        self, key: JobKey, job: FineTuneJob, status: Mapping[str, Any]
-    ) -> list[pods.PodView]:
+    async def _pod_views(self, key: JobKey, job: FineTuneJob, status: JobStatus) -> list[pods.PodView]:
         entries = self.pods.setdefault(key, {})
-        attempt = int(status.get("attempt") or 0)
+        attempt = status.attempt
         # Forget pods of finished attempts once they are gone: nothing will ask about them again.
         for name in [n for n, e in entries.items() if e.gone and pods.pod_view(e.body).attempt < attempt]:
             del entries[name]
-        if attempt and not status.get("nextAttemptTime"):
+        if status.pods_created:
             # Pods of the live attempt that the watch has not shown: the cache may lag our own create.
             for rank in range(job.spec.workers):
                 name = builders.pod_name(job.ref.name, attempt, rank)
@@ -447,12 +444,12 @@ class Controller:
         return frozenset(unready)
 
     async def _scrape(
-        self, key: JobKey, job: FineTuneJob, status: Mapping[str, Any], views: list[pods.PodView]
+        self, key: JobKey, job: FineTuneJob, status: JobStatus, views: list[pods.PodView]
     ) -> lifecycle.Progress | None:
         """Progress from rank 0's metrics endpoint, at most once per scrape interval."""
-        if not job.spec.metrics_port or status.get("phase") not in ("Running", "Restarting", "Pending"):
+        if not job.spec.metrics_port or status.phase not in ("Running", "Restarting", "Pending"):
             return None
-        attempt = int(status.get("attempt") or 0)
+        attempt = status.attempt
         rank0 = next((v for v in views if v.attempt == attempt and v.rank == 0 and not v.gone), None)
         last = self.scrapes.get(key)
         if rank0 is None or not rank0.pod_ip or rank0.phase != "Running":
@@ -543,7 +540,7 @@ class Controller:
         the attempt starts (mutable fields included); but only when it is this job's own. A name taken by
         an object of another owner (an earlier job's pod still Terminating, a user's ConfigMap) is a
         refusal with a retry, never a silent success or an overwrite."""
-        attempt = int(plan.status.get("attempt") or 0)
+        attempt = JobStatus.parse(plan.status).attempt
         for obj in plan.create:
             meta = obj["metadata"]
             try:

@@ -18,10 +18,10 @@ carries the resourceVersion it was computed from, so it happens at most once.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from kubetune_operator import builders, tensorboard
 from kubetune_operator.api import FineTuneJob
@@ -75,6 +75,10 @@ class Progress:
     top5: float | None = None
     best_metric: float | None = None  # checkpoint.best: the model in best/
     best_step: int | None = None
+
+
+# What the plan does next within one reconcile (see _plan_training's loop).
+_Step = Literal["start", "start-quiet", "judge"]
 
 
 @dataclass(frozen=True)
@@ -265,14 +269,22 @@ def _plan_training(obs: Observed, settings: Settings, d: _Draft) -> None:
         # They are created now, and nothing is counted: no pod of theirs ever ran.
         st["nextAttemptTime"] = fmt_time(obs.now)
 
-    if st.get("nextAttemptTime"):
-        _start_attempt(obs, ends, d, settings)
-        return
-
-    current = _current_pods(obs, attempt)
-    if any(p.attempt == attempt for p in obs.pods):
-        _unblock(obs, d)
-    _judge_attempt(obs, current, ends, d, settings)
+    # A small loop, not recursion: starting finds the attempt already live (judge it), and judging may
+    # count a disruption whose replacement starts in this same reconcile (start, keeping its reason).
+    step: _Step | None = "start" if st.get("nextAttemptTime") else "judge"
+    for _ in range(3):
+        if step == "start":
+            step = _start_attempt(obs, ends, d, settings)
+        elif step == "start-quiet":
+            step = _start_attempt(obs, ends, d, settings, announce=False)
+        elif step == "judge":
+            attempt = int(st["attempt"])
+            if any(p.attempt == attempt for p in obs.pods):
+                _unblock(obs, d)
+            step = _judge_attempt(obs, _current_pods(obs, attempt), ends, d, settings)
+        else:
+            return
+    assert step is None, f"lifecycle loop did not settle ({step})"
 
 
 def _mark(d: _Draft, obs: Observed, phase: str, reason: str, message: str) -> None:
@@ -415,8 +427,9 @@ def _missing_message(missing: Sequence[str]) -> str:
 
 def _start_attempt(
     obs: Observed, ends: Mapping[str, PodEnd], d: _Draft, settings: Settings, announce: bool = True
-) -> None:
-    """Create the pods of the due attempt once the previous one is gone and its backoff has passed.
+) -> _Step | None:
+    """Create the pods of the due attempt once the previous one is gone and its backoff has passed;
+    "judge" when they exist already.
 
     `announce=False` keeps the phase and condition the caller just set (e.g. the disruption's reason)."""
     st, now = d.status, obs.now
@@ -427,24 +440,23 @@ def _start_attempt(
     if expected <= seen:
         # Created in an earlier reconcile (even if already gone again): the attempt is live; never a twin.
         st.pop("nextAttemptTime", None)
-        _judge_attempt(obs, _current_pods(obs, attempt), ends, d, settings)
-        return
+        return "judge"
     phase = "Pending" if attempt == 1 else "Restarting"
     if obs.missing:
         _mark(d, obs, phase, "WaitingForDependencies", _missing_message(obs.missing))
         d.requeue.append(10.0)
-        return
+        return None
     live = _live(obs, ends, attempt)
     if live:
         if announce:
             msg = f"waiting for {len(live)} pod(s) of the previous attempt to stop"
             _mark(d, obs, phase, _restart_cause(st, "WaitingForPreviousAttempt"), msg)
-        return
+        return None
     if due > now:
         d.requeue.append((due - now).total_seconds())
         if st.get("phase") != phase:
             _mark(d, obs, phase, "BackoffWaiting", f"attempt {attempt} starts at {fmt_time(due)}")
-        return
+        return None
     job = obs.job
     for child in (
         builders.checkpoint_pvc(job),
@@ -469,6 +481,7 @@ def _start_attempt(
     d.events.append(
         Event("Normal", "AttemptStarted", f"attempt {attempt}: created {job.spec.workers} pod(s), {resume}")
     )
+    return None
 
 
 def _unblock(obs: Observed, d: _Draft, why: str = "") -> None:
@@ -626,56 +639,94 @@ def _absorb_progress(st: dict[str, Any], progress: Progress | None, now: datetim
 
 def _judge_attempt(
     obs: Observed, current: Sequence[PodView], ends: Mapping[str, PodEnd], d: _Draft, settings: Settings
-) -> None:
-    st, now, _job = d.status, obs.now, obs.job
-    attempt = int(st["attempt"])
+) -> _Step | None:
+    """How the live attempt stands, from its pods, and what that does: the action table `_ON_OUTCOME`."""
+    st, now = d.status, obs.now
     pod, end = _gang(current, ends, now)
     _absorb_progress(st, obs.progress, now)
     _absorb_report(st, pod.report, now)
     others = [p.name for p in current if p.name != pod.name and not p.gone and p.deleting_since is None]
     others = [n for n in others if ends[n].outcome not in ENDED]
+    return _ON_OUTCOME[end.outcome](_Judged(obs, current, ends, pod, end, others, d, settings))
 
-    if end.outcome == Outcome.SUCCEEDED:
-        _succeed(obs, pod, d)
-        return
-    if end.outcome == Outcome.PERMANENT:
-        d.failed = "InvalidConfig"
-        _fail(obs, d, "InvalidConfig", f"pod {pod.name}: {end.message} (retrying cannot help; fix the spec)")
-        return
-    if end.outcome == Outcome.DISRUPTED:
-        if _count_disruption(obs, pod, end, d, others):
-            # Recover in the same reconcile when nothing of the old attempt is left running.
-            _start_attempt(obs, ends, d, settings, announce=False)
-        return
-    if end.outcome == Outcome.FAILED:
-        _count_failure(obs, pod, end, d, others, settings)
-        return
-    if end.outcome == Outcome.TERMINATING:
-        if st.get("phase") != "Restarting":
-            _mark(
-                d,
-                obs,
-                "Restarting",
-                end.reason,
-                f"pod {pod.name}: {end.reason}; waiting for it to checkpoint and stop",
-            )
-        return
-    all_running = all(ends.get(p.name, classify(p, now)).outcome == Outcome.RUNNING for p in current)
+
+@dataclass(frozen=True)
+class _Judged:
+    """One attempt's outcome, as the action table's entries take it."""
+
+    obs: Observed
+    current: Sequence[PodView]
+    ends: Mapping[str, PodEnd]
+    pod: PodView  # the pod that decides the gang's outcome
+    end: PodEnd
+    others: list[str]  # pods of the gang still running
+    d: _Draft
+    settings: Settings
+
+
+def _on_succeeded(j: _Judged) -> _Step | None:
+    _succeed(j.obs, j.pod, j.d)
+    return None
+
+
+def _on_permanent(j: _Judged) -> _Step | None:
+    j.d.failed = "InvalidConfig"
+    _fail(
+        j.obs, j.d, "InvalidConfig", f"pod {j.pod.name}: {j.end.message} (retrying cannot help; fix the spec)"
+    )
+    return None
+
+
+def _on_disrupted(j: _Judged) -> _Step | None:
+    # Counted; the replacement starts in the same reconcile when nothing of the old attempt still runs.
+    return "start-quiet" if _count_disruption(j.obs, j.pod, j.end, j.d, j.others) else None
+
+
+def _on_failed(j: _Judged) -> _Step | None:
+    _count_failure(j.obs, j.pod, j.end, j.d, j.others, j.settings)
+    return None
+
+
+def _on_terminating(j: _Judged) -> _Step | None:
+    if j.d.status.get("phase") != "Restarting":
+        msg = f"pod {j.pod.name}: {j.end.reason}; waiting for it to checkpoint and stop"
+        _mark(j.d, j.obs, "Restarting", j.end.reason, msg)
+    return None
+
+
+def _on_live(j: _Judged) -> _Step | None:
+    """Pending or Running: the phase follows the pods; a pod that cannot start says why."""
+    st, obs, pod, now = j.d.status, j.obs, j.pod, j.obs.now
+    attempt = int(st["attempt"])
+    all_running = all(j.ends.get(p.name, classify(p, now)).outcome == Outcome.RUNNING for p in j.current)
     if all_running:
         if st.get("phase") != "Running":
-            _mark(d, obs, "Running", "Running", f"attempt {attempt}: {len(current)} pod(s) running")
+            _mark(j.d, obs, "Running", "Running", f"attempt {attempt}: {len(j.current)} pod(s) running")
     else:
         phase = "Pending" if attempt == 1 else "Restarting"
         if pod.waiting_reason in IMAGE_PULL_REASONS + CONFIG_WAIT_REASONS:
             msg = f"pod {pod.name}: {pod.waiting_reason}: {pod.waiting_message}".rstrip(": ")
             if st.get("message") != msg:
-                _mark(d, obs, phase, pod.waiting_reason or "Waiting", msg)
+                _mark(j.d, obs, phase, pod.waiting_reason or "Waiting", msg)
         elif st.get("phase") != phase:
-            _mark(d, obs, phase, end.reason, f"attempt {attempt}: waiting for pods to start")
+            _mark(j.d, obs, phase, j.end.reason, f"attempt {attempt}: waiting for pods to start")
         # Otherwise keep the condition that says why this attempt exists (e.g. the disruption reason).
     if pod.waiting_reason in IMAGE_PULL_REASONS + CONFIG_WAIT_REASONS and pod.created:
         waited = (now - pod.created).total_seconds()
-        d.requeue.append(max(1.0, settings.start_timeout_seconds - waited + 1))
+        j.d.requeue.append(max(1.0, j.settings.start_timeout_seconds - waited + 1))
+    return None
+
+
+# How the attempt ended -> what the job does (as jobset's failure-policy action table).
+_ON_OUTCOME: dict[Outcome, Callable[[_Judged], _Step | None]] = {
+    Outcome.SUCCEEDED: _on_succeeded,
+    Outcome.PERMANENT: _on_permanent,
+    Outcome.DISRUPTED: _on_disrupted,
+    Outcome.FAILED: _on_failed,
+    Outcome.TERMINATING: _on_terminating,
+    Outcome.PENDING: _on_live,
+    Outcome.RUNNING: _on_live,
+}
 
 
 def _succeed(obs: Observed, pod: PodView, d: _Draft) -> None:

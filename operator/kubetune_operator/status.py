@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -133,3 +134,36 @@ def format_eta(seconds: float | None) -> str | None:
     if minutes:
         return f"{minutes}m{secs}s"
     return f"{secs}s"
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """What the controller reads of `FineTuneJob.status`, parsed once at the edge (the lifecycle owns
+    every write; these names are the status fields' contract)."""
+
+    phase: str = "Pending"
+    attempt: int = 0  # 0: no attempt planned yet
+    next_attempt_time: datetime | None = None  # set: the attempt's pods are not created yet
+
+    @classmethod
+    def parse(cls, status: Mapping[str, Any] | None) -> JobStatus:
+        st = status or {}
+        try:
+            attempt = int(st.get("attempt") or 0)
+        except (TypeError, ValueError):
+            attempt = 0
+        return cls(
+            phase=str(st.get("phase") or "Pending"),
+            attempt=attempt,
+            next_attempt_time=parse_time(st.get("nextAttemptTime")),
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in FINISHED
+
+    @property
+    def pods_created(self) -> bool:
+        """The current attempt's pods were created (or are being): the status write before the create
+        cleared nextAttemptTime."""
+        return self.attempt > 0 and self.next_attempt_time is None

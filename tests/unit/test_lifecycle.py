@@ -581,3 +581,15 @@ def test_a_refused_replacement_keeps_the_restart_cause_and_suspend_clears_blocke
     suspended = run(make_job(suspend=True), refused.status, [pod(gone=True)])
     assert suspended.status["phase"] == "Suspended"
     assert get_condition(suspended.status, "Blocked")["status"] == "False"
+
+
+def test_job_status_is_parsed_once_for_the_controller():
+    from kubetune_operator.status import JobStatus
+
+    assert JobStatus.parse(None) == JobStatus()
+    created = JobStatus.parse(run(make_job(), {}, []).status)
+    assert created.attempt == 1 and created.pods_created and not created.finished
+    due = JobStatus.parse({"attempt": "2", "nextAttemptTime": "2026-11-29T12:00:00Z", "phase": "Restarting"})
+    assert due.attempt == 2 and not due.pods_created and due.next_attempt_time == T0
+    assert JobStatus.parse({"phase": "Failed", "attempt": "x"}) == JobStatus(phase="Failed")
+    assert JobStatus.parse({"phase": "Failed"}).finished

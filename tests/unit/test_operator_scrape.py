@@ -18,6 +18,7 @@ from kubetune_operator.api import parse_job
 from kubetune_operator.controller import Controller, ControllerConfig
 from kubetune_operator.kube import Kube
 from kubetune_operator.metrics import parse_trainer_metrics
+from kubetune_operator.status import JobStatus
 
 pytestmark = pytest.mark.unit
 
@@ -77,12 +78,12 @@ def test_controller_scrape_feeds_status(trainer_metrics):
         tel.log_step(
             10, {"epoch": 0.1, "samples": 32, "samples_per_second": 100.0, "loss": 1.0, "learning_rate": 1e-3}
         )
-        first = await ctrl._scrape(("ml", "ft"), job, status, [pod])
+        first = await ctrl._scrape(("ml", "ft"), job, JobStatus.parse(status), [pod])
         await asyncio.sleep(0.1)  # two scrapes one interval apart give a step rate
         tel.log_step(
             20, {"epoch": 0.2, "samples": 32, "samples_per_second": 100.0, "loss": 0.9, "learning_rate": 1e-3}
         )
-        second = await ctrl._scrape(("ml", "ft"), job, status, [pod])
+        second = await ctrl._scrape(("ml", "ft"), job, JobStatus.parse(status), [pod])
         await ctrl.kube.close()
         return first, second
 
