@@ -97,6 +97,13 @@ def test_spot_taint_keeps_gpu_pods_off_spot_nodes(core_v1: Any, namespace: str) 
     assert running.spec.node_name == "kwok-gpu-ondemand-0"
 
 
+def _last_before_deleted(pods: Any, name: str) -> dict[str, Any]:
+    """The last state of pod `name` a watch showed before its DELETED event."""
+    states = [o for t, o in pods.seen(name) if t != "DELETED"]
+    assert states, f"no state of {name} seen"
+    return states[-1]
+
+
 def test_scheduler_preemption_sets_disruption_target(
     core_v1: Any, namespace: str, kwok_node: Any, priority_classes: tuple[str, str]
 ) -> None:
@@ -114,6 +121,13 @@ def test_scheduler_preemption_sets_disruption_target(
         cond = pods.wait_for_condition("victim", "DisruptionTarget", timeout=60)
         assert cond["reason"] == "PreemptionByScheduler", cond
         pods.wait_for_event("victim", "DELETED", timeout=30)
+        last = _last_before_deleted(pods, "victim")
+    # kwok ends it as the kubelet does: exit 143, Failed, Ready False, DisruptionTarget kept, then removed.
+    assert last["status"]["phase"] == "Failed", last["status"]
+    (cs,) = last["status"]["containerStatuses"]
+    assert cs["state"]["terminated"]["exitCode"] == 143 and not cs["ready"]
+    assert pod_conditions(last)["DisruptionTarget"]["reason"] == "PreemptionByScheduler"
+    assert pod_conditions(last)["Ready"]["status"] == "False"
 
     preemptor = wait_pod_running(core_v1, namespace, "preemptor", timeout=60)
     assert preemptor.spec.node_name == node
@@ -237,37 +251,6 @@ def test_pvc_in_default_class_binds_and_its_pod_schedules(core_v1: Any, namespac
         return False
 
     wait_for(pv_gone, timeout=60, desc=f"PV {pvc.spec.volume_name} deleted with its claim")
-
-
-def _last_before_deleted(pods: Any, name: str) -> dict[str, Any]:
-    """The last state of pod `name` a watch showed before its DELETED event."""
-    states = [o for t, o in pods.seen(name) if t != "DELETED"]
-    assert states, f"no state of {name} seen"
-    return states[-1]
-
-
-def test_a_deleted_pod_ends_as_a_kubelet_ends_it(
-    core_v1: Any, namespace: str, kwok_node: Any, priority_classes: tuple[str, str]
-) -> None:
-    """kwok terminates a pod marked for deletion as the kubelet does: its container exits 143, the pod goes
-    Failed with its DisruptionTarget condition kept, and only then is it removed."""
-    low, high = priority_classes
-    node = kwok_node(gpus=8)
-    core_v1.create_namespaced_pod(
-        namespace, fake_pod("victim", gpus=8, priorityClassName=low, **on_node(node))
-    )
-    wait_pod_running(core_v1, namespace, "victim")
-    with record_pods(core_v1, namespace) as pods:
-        core_v1.create_namespaced_pod(
-            namespace, fake_pod("preemptor", gpus=8, priorityClassName=high, **on_node(node))
-        )
-        pods.wait_for_event("victim", "DELETED", timeout=60)
-        last = _last_before_deleted(pods, "victim")
-    assert last["status"]["phase"] == "Failed", last["status"]
-    (cs,) = last["status"]["containerStatuses"]
-    assert cs["state"]["terminated"]["exitCode"] == 143 and not cs["ready"]
-    assert pod_conditions(last)["DisruptionTarget"]["reason"] == "PreemptionByScheduler"
-    assert pod_conditions(last)["Ready"]["status"] == "False"
 
 
 def test_a_finalizer_keeps_a_terminated_pod_until_its_owner_removes_it(

@@ -31,6 +31,14 @@ def crd(kube: Any) -> None:
 
 
 @pytest.fixture
+def custom(api_client: Any) -> Any:
+    """The CustomObjectsApi the FineTuneJob tests read and patch jobs with."""
+    from kubernetes import client
+
+    return client.CustomObjectsApi(api_client)
+
+
+@pytest.fixture
 def start_operator(
     kube: Any, crd: None, namespace: str, tmp_path: Path
 ) -> Iterator[Callable[..., OperatorProcess]]:

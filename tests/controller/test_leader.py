@@ -31,11 +31,6 @@ FAST = (
 
 
 @pytest.fixture
-def custom(api_client: Any) -> client.CustomObjectsApi:
-    return client.CustomObjectsApi(api_client)
-
-
-@pytest.fixture
 def leases(api_client: Any) -> client.CoordinationV1Api:
     return client.CoordinationV1Api(api_client)
 
