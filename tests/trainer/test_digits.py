@@ -56,7 +56,7 @@ def test_transfer_frozen_backbone_from_first_run(tmp_path: Path, job_factory: Ca
     assert first.run() == 0, first.log_text()
     source = first.ckpt / "final" / "model.safetensors"
 
-    spec = digits_spec(write_digits(tmp_path / "high", range(5, 10)), learningRate=0.02)
+    spec = digits_spec(write_digits(tmp_path / "high", range(5, 10)), learningRate=0.02, epochs=6)
     spec["model"] = {"name": "test_resnet", "weights": str(source), "freeze": "backbone"}
     second = job_factory(spec, "high")
     assert second.run() == 0, second.log_text()
