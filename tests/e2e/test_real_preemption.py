@@ -8,8 +8,6 @@ trainer image (CUDA torch from PyPI). Starts its own cluster in $KUBETUNE_E2E_CL
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,40 +17,6 @@ from . import scenario as sc
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 STEPS, EVERY, GRACE = 240, 20, 30
-
-
-def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "the real node needs root"
-    for tool in ("containerd", "runc", "buildah", "debootstrap"):
-        if not any((Path(d) / tool).exists() for d in os.environ.get("PATH", "").split(":")):
-            return f"{tool} missing (hack/apt-packages-real-node.txt)"
-    if not (sc.BIN / "kubelet").exists():
-        return "no kubelet (hack/build-binaries.sh)"
-    return None
-
-
-@pytest.fixture(scope="module")
-def env() -> Iterator[sc.Env]:
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    cluster = sc.Cluster()
-    try:  # a failed `up` leaves parts behind too: `down` cleans them
-        cluster.up()
-        cluster.images()
-        e = sc.Env(cluster)
-        sc.prepare_namespace(e)
-        sc.install_operator(e)
-        yield e
-    finally:
-        if not os.environ.get("KUBETUNE_E2E_KEEP"):
-            cluster.down()
-
-
-@pytest.fixture(scope="module")
-def digits(env: sc.Env) -> Path:
-    return sc.dataset(env)
 
 
 @pytest.mark.timeout(1800)
