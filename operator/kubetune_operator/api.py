@@ -19,6 +19,7 @@ VERSION = "v1alpha1"
 PLURAL = "finetunejobs"
 KIND = "FineTuneJob"
 API_VERSION = f"{GROUP}/{VERSION}"
+JobKey = tuple[str, str]  # (namespace, name) of a FineTuneJob
 
 # Spec sections the trainer reads (the trainer's own config module owns their fields and defaults).
 TRAINER_SECTIONS = tuple(SECTIONS)

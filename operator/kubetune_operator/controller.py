@@ -5,7 +5,8 @@ while the watch was down, which kopf cannot). Every live job is also re-checked 
 
 Everything that decides lives in `lifecycle.plan`; this module gathers its inputs (cached job and pods,
 a direct GET when the cache may lag, dependency checks, a scrape of the trainer's metrics) and applies
-its output: one status write (guarded by resourceVersion), then creates, deletes and events.
+its output: one status write (guarded by resourceVersion), then creates, deletes and events. The API
+reads beyond the caches live in `observe`; the creates, their refusals and expectations in `children`.
 """
 
 from __future__ import annotations
@@ -21,16 +22,16 @@ from typing import Any
 
 import aiohttp
 
-from kubetune_operator import builders, lifecycle, pods, tensorboard
-from kubetune_operator.api import API_VERSION, FineTuneJob, SpecError, parse_job
+from kubetune_operator import builders, lifecycle, observe, pods, tensorboard
+from kubetune_operator.api import API_VERSION, FineTuneJob, JobKey, SpecError, parse_job
+from kubetune_operator.children import CHILD_PLURALS, Children, owner_uid
 from kubetune_operator.informer import Informer
 from kubetune_operator.kube import ApiError, Kube
 from kubetune_operator.metrics import OperatorMetrics, parse_trainer_metrics
 from kubetune_operator.runtime import WorkQueue
-from kubetune_operator.status import JobStatus, fmt_time, parse_time, set_phase, status_patch
+from kubetune_operator.status import JobStatus, fmt_time, set_phase, status_patch
 
 log = logging.getLogger(__name__)
-JobKey = tuple[str, str]  # (namespace, name)
 COMPONENT = "kubetune-operator"
 
 
@@ -79,19 +80,14 @@ class Controller:
         self.ended_at: dict[JobKey, float] = {}
         # spec.checkpoint.existingClaim -> its access modes (immutable once the claim exists).
         self.claim_modes: dict[JobKey, tuple[str, tuple[str, ...]]] = {}
-        # Why the last TensorBoard create failed, shown in the next reconcile's TensorBoardReady condition.
-        self.board_errors: dict[JobKey, str] = {}
-        # The API's refusal of a child of the current attempt, until a create of that attempt succeeds.
-        self.create_errors: dict[JobKey, lifecycle.CreateError] = {}
         self.own_writes: dict[JobKey, int] = {}  # resourceVersion our last status write returned
-        # Pods this process created that no watch event has shown yet (name -> the object sent).
-        self.created: dict[JobKey, dict[str, dict[str, Any]]] = {}
         self.pod_informers = self._informers("pods", self.pod_event)
-        # The attempt children that outlive pods, cached so a replacement skips the create round trips of
-        # what already exists (only the status write and the pod create are on the recovery path).
-        self.child_informers = {
-            kind: self._informers(plural, lambda _t, _o: None) for kind, plural in _CHILD_PLURALS.items()
-        }
+        # Creates, their refusals, and the pods created that no watch event has shown yet.
+        self.children = Children(
+            kube,
+            {kind: self._informers(plural, lambda _t, _o: None) for kind, plural in CHILD_PLURALS.items()},
+            self.pods,
+        )
         self.metrics = OperatorMetrics(
             lambda: [JobStatus.parse(j.get("status")).phase for j in self.jobs.values()],
             lambda: self.kube.requests,
@@ -121,11 +117,10 @@ class Controller:
         self.queue.add(key)
 
     def _forget(self, key: JobKey) -> None:
-        for cache in (
-            self.scrapes, self.claim_modes, self.board_errors, self.create_errors, self.own_writes, self.created
-        ):  # fmt: skip
+        for cache in (self.scrapes, self.claim_modes, self.own_writes):
             cache.pop(key, None)
         self.ended_at.pop(key, None)
+        self.children.forget(key)
         # Pod entries stay (views filter them by owner uid): a gone pod of the old job must stay gone.
 
     def pod_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
@@ -135,7 +130,7 @@ class Controller:
         if not job or owner is None:
             return
         key = (meta.get("namespace", ""), owner.get("name", job))
-        self.created.get(key, {}).pop(meta.get("name", ""), None)
+        self.children.created.get(key, {}).pop(meta.get("name", ""), None)
         entries = self.pods.setdefault(key, {})
         entry = entries.get(meta["name"])
         gone = event_type == "DELETED"
@@ -161,20 +156,10 @@ class Controller:
         )
         return [Informer(self.kube, path, handler, label_selector=builders.LABEL_JOB) for path in paths]
 
-    def _cached_child(self, obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
-        """The cached copy of a PVC, ConfigMap or Service the plan wants, when a synced informer has it."""
-        meta = obj["metadata"]
-        for inf in self.child_informers.get(obj["kind"], []):
-            if inf.synced.is_set():
-                found = inf.store.get(f"{meta.get('namespace', '')}/{meta['name']}")
-                if found is not None:
-                    return found
-        return None
-
     # -- lifecycle of the controller --------------------------------------------------------------------
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.config.workers)]
-        informers = [*self.pod_informers, *(i for infs in self.child_informers.values() for i in infs)]
+        informers = [*self.pod_informers, *(i for infs in self.children.informers.values() for i in infs)]
         self._tasks += [asyncio.create_task(inf.run()) for inf in informers]
         self._tasks.append(asyncio.create_task(self._resync()))
 
@@ -245,12 +230,14 @@ class Controller:
             pods=views,
             now=now,
             progress=await self._scrape(key, job, seen, views),
-            missing=await self._missing(job) if not seen.pods_created else (),
-            unready_nodes=await self._unready_nodes(views),
+            missing=await observe.missing_claims(self.kube, job) if not seen.pods_created else (),
+            unready_nodes=await observe.unready_nodes(
+                self.kube, views, self.config.lifecycle.stuck_terminating_seconds
+            ),
             tensorboard_server=self._tensorboard_server(key, job),
             existing_claim_modes=await self._existing_claim_modes(key, job),
-            tensorboard_error=self.board_errors.get(key),
-            create_error=self.create_errors.get(key),
+            tensorboard_error=self.children.board_errors.get(key),
+            create_error=self.children.errors.get(key),
         )
         plan = lifecycle.plan(obs, self.config.lifecycle)
         if not self.active.is_set():
@@ -262,17 +249,17 @@ class Controller:
         # loses the write creates nothing.
         if plan.create and _rv(body) == self.own_writes.get(key):
             wrote, created = await asyncio.gather(
-                self._write_status(key, body, status, plan.status), self._create_children(key, plan)
+                self._write_status(key, body, status, plan.status), self.children.create(key, plan)
             )
         else:
             wrote = await self._write_status(key, body, status, plan.status)
-            created = wrote and await self._create_children(key, plan)
+            created = wrote and await self.children.create(key, plan)
         if not wrote:
             return 0.5  # someone wrote first: re-plan from the newer object
         await self._apply(key, body, job, plan, created)
         if not created:
             return 0.0  # the API refused a child: the next plan says so in the status
-        if not await self._apply_tensorboard(key, plan):
+        if not await self.children.create_tensorboard(key, plan):
             return 0.5  # show why in the condition
         requeue = plan.requeue_after
         if JobStatus.parse(plan.status).phase == "Running" and job.spec.metrics_port:
@@ -302,78 +289,33 @@ class Controller:
             # Pods of the live attempt that the watch has not shown: the cache may lag our own create.
             for rank in range(job.spec.workers):
                 name = builders.pod_name(job.ref.name, attempt, rank)
-                if name not in entries or _owner_uid(entries[name].body) != job.ref.uid:
+                if name not in entries or owner_uid(entries[name].body) != job.ref.uid:
                     pod = await self.kube.get("v1", "Pod", job.ref.namespace, name)
                     if pod is not None:
                         for inf in self.pod_informers:
                             inf.remember(pod)  # so a later re-list reports it if it vanishes
                         self.pod_event("ADDED", pod)
-                    elif name in self.created.get(key, {}):
+                    elif name in self.children.created.get(key, {}):
                         # We created it, and it is gone before the watch showed it (client-go's
                         # expectations): a disruption, never a reason to create it again.
-                        self.pod_event("DELETED", self.created[key][name])
+                        self.pod_event("DELETED", self.children.created[key][name])
                     else:
-                        last = await self._vanished(key, job, attempt, rank)
+                        last = await observe.vanished(self.kube, self.jobs, key, job, attempt, rank)
                         if last is not None:
                             self.pod_event("DELETED", last)
         views = []
         for entry in entries.values():
-            if _owner_uid(entry.body) != job.ref.uid:
+            if owner_uid(entry.body) != job.ref.uid:
                 continue  # a pod of an earlier job with the same name
             if _is_tensorboard_server(entry.body):
                 continue
             views.append(pods.pod_view(entry.body, gone=entry.gone))
         return views
 
-    async def _vanished(
-        self, key: JobKey, job: FineTuneJob, attempt: int, rank: int
-    ) -> dict[str, Any] | None:
-        """A pod of the live attempt that no watch event, GET or create of this process knows (it went
-        while the operator was down). Its Events say whether it existed (the scheduler records every
-        binding or failure to bind) and, where they can, why it went. With none, it never existed: None,
-        and the lifecycle creates it without counting anything."""
-        name = builders.pod_name(job.ref.name, attempt, rank)
-        params = {"fieldSelector": f"involvedObject.kind=Pod,involvedObject.name={name}"}
-        try:
-            doc = await self.kube.request(
-                "GET", f"/api/v1/namespaces/{job.ref.namespace}/events", params=params
-            )
-        except ApiError as err:
-            log.warning("%s/%s: cannot read the Events of pod %s: %s", *key, name, err)
-            return None
-        born = parse_time(((self.jobs.get(key) or {}).get("metadata") or {}).get("creationTimestamp"))
-        items = [e for e in doc.get("items") or [] if born is None or (_event_time(e) or born) >= born]
-        if not items:
-            return None
-        pod = builders.trainer_pod(job, attempt, rank)
-        cause = next(
-            (
-                (_EVENT_CAUSES[e.get("reason", "")], str(e.get("message") or ""))
-                for e in items
-                if e.get("reason") in _EVENT_CAUSES
-            ),
-            None,
-        )
-        if cause is not None:
-            condition = {
-                "type": "DisruptionTarget",
-                "status": "True",
-                "reason": cause[0],
-                "message": cause[1],
-            }
-            pod["status"] = {"conditions": [condition]}
-        log.info(
-            "%s/%s: pod %s went while the operator was down (%s)",
-            *key,
-            name,
-            cause[0] if cause else "no cause recorded",
-        )
-        return pod
-
     def _tensorboard_server(self, key: JobKey, job: FineTuneJob) -> tensorboard.ServerView | None:
         """The standalone TensorBoard pod of this job, as the watch showed it last."""
         entry = self.pods.get(key, {}).get(builders.tensorboard_name(job.ref.name))
-        if entry is None or _owner_uid(entry.body) != job.ref.uid or not _is_tensorboard_server(entry.body):
+        if entry is None or owner_uid(entry.body) != job.ref.uid or not _is_tensorboard_server(entry.body):
             return None
         return tensorboard.server_view(entry.body, gone=entry.gone)
 
@@ -392,56 +334,6 @@ class Controller:
         modes = tuple((pvc.get("spec") or {}).get("accessModes") or ())
         self.claim_modes[key] = (claim, modes)
         return modes
-
-    async def _missing(self, job: FineTuneJob) -> tuple[str, ...]:
-        """Claims the user must create before pods can start (a waiting condition, not a crash).
-
-        A missing W&B Secret is reported from the pod's CreateContainerConfigError instead, so the
-        operator needs no permission to read Secrets."""
-        missing = []
-        ns = job.ref.namespace
-        if (
-            job.spec.data_claim
-            and await self.kube.get("v1", "PersistentVolumeClaim", ns, job.spec.data_claim) is None
-        ):
-            missing.append(
-                f"PersistentVolumeClaim {job.spec.data_claim!r} (spec.data.claimName) in namespace {ns}"
-            )
-        if job.spec.checkpoint.existing_claim:
-            claim = job.spec.checkpoint.existing_claim
-            if await self.kube.get("v1", "PersistentVolumeClaim", ns, claim) is None:
-                missing.append(
-                    f"PersistentVolumeClaim {claim!r} (spec.checkpoint.existingClaim) in namespace {ns}"
-                )
-        return tuple(missing)
-
-    async def _unready_nodes(self, views: list[pods.PodView]) -> frozenset[str]:
-        limit = self.config.lifecycle.stuck_terminating_seconds
-        now = datetime.now(UTC)
-        nodes = {
-            v.node_name
-            for v in views
-            if v.node_name
-            and not v.gone
-            and v.deleting_since
-            and (now - v.deleting_since).total_seconds() >= limit
-        }
-        unready = set()
-        for name in nodes:
-            try:
-                node = await self.kube.request("GET", f"/api/v1/nodes/{name}")
-            except ApiError as err:
-                if err.status == 404:
-                    unready.add(name)
-                    continue
-                raise
-            ready: dict[str, Any] = next(
-                (c for c in (node.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"),
-                {},
-            )
-            if ready.get("status") != "True":
-                unready.add(name)
-        return frozenset(unready)
 
     async def _scrape(
         self, key: JobKey, job: FineTuneJob, status: JobStatus, views: list[pods.PodView]
@@ -533,108 +425,10 @@ class Controller:
         if plan.delete_job:
             await self.kube.delete(API_VERSION, "FineTuneJob", ns, job.ref.name)
 
-    async def _create_children(self, key: JobKey, plan: lifecycle.Plan) -> bool:
-        """Create the attempt's children in order; False when the API refused one (kept for the next plan).
-
-        The trainer ConfigMap is replaced when it exists, so each attempt runs with the spec as it is when
-        the attempt starts (mutable fields included); but only when it is this job's own. A name taken by
-        an object of another owner (an earlier job's pod still Terminating, a user's ConfigMap) is a
-        refusal with a retry, never a silent success or an overwrite."""
-        attempt = JobStatus.parse(plan.status).attempt
-        for obj in plan.create:
-            meta = obj["metadata"]
-            try:
-                await self._create_child(key, obj)
-            except (ApiError, aiohttp.ClientError, TimeoutError) as err:
-                status = err.status if isinstance(err, ApiError) else 0
-                message = err.message if isinstance(err, ApiError) else str(err) or type(err).__name__
-                prev = self.create_errors.get(key)
-                retries = prev.retries + 1 if prev is not None and prev.attempt == attempt else 0
-                self.create_errors[key] = lifecycle.CreateError(
-                    attempt, obj["kind"], meta["name"], status, message, retries
-                )
-                log.warning("%s/%s: could not create %s %s: %s", *key, obj["kind"], meta["name"], message)
-                return False
-        if plan.started_attempt is not None:
-            self.create_errors.pop(key, None)
-        return True
-
-    async def _create_child(self, key: JobKey, obj: dict[str, Any]) -> None:
-        kind, meta = obj["kind"], obj["metadata"]
-        cached = self._cached_child(obj)
-        if cached is not None and (kind != "ConfigMap" or cached.get("data") == obj.get("data")):
-            return  # exists as wanted
-        if cached is None and await self.kube.create(obj):
-            if kind == "Pod" and meta["name"] not in self.pods.get(key, {}):
-                self.created.setdefault(key, {})[meta["name"]] = obj  # until a watch event shows it
-            return
-        if kind not in ("Pod", "ConfigMap"):
-            return  # the claim or Service exists: deterministic names make that a success
-        # A fresh read (not the cache): its resourceVersion guards the replace below.
-        current = await self.kube.get("v1", kind, meta["namespace"], meta["name"])
-        if current is None:
-            raise ApiError(
-                409, "Conflict", f"{kind} {meta['name']} was deleted while being created; retrying"
-            )
-        want = _owner_uid(obj)
-        if _owner_uid(current) != want:
-            what = "an earlier FineTuneJob's pod of the same name is still there (Terminating)"
-            if kind == "ConfigMap":
-                what = "a ConfigMap of that name exists and is not this job's; kubetune will not overwrite it"
-            raise ApiError(409, "AlreadyExists", f"{what}: delete it or rename the job")
-        if kind == "ConfigMap":
-            rv = (current.get("metadata") or {}).get("resourceVersion")
-            await self.kube.replace({**obj, "metadata": {**meta, "resourceVersion": rv}})
-
-    async def _apply_tensorboard(self, key: JobKey, plan: lifecycle.Plan) -> bool:
-        """Create the TensorBoard objects; False when the API refused one (a quota, a LimitRange): that is
-        remembered for the condition, and never keeps the trainer's lifecycle from going on."""
-        for obj in plan.tensorboard_create:
-            try:
-                await self.kube.create(obj)
-            except ApiError as err:
-                what = f"{obj['kind']} {obj['metadata']['name']}: {err.message}"
-                log.warning("%s/%s: could not create %s", *key, what)
-                self.board_errors[key] = what
-                return False
-        if plan.tensorboard_create:
-            self.board_errors.pop(key, None)
-        return True
-
     def _attempt_end_time(self, key: JobKey) -> float | None:
         entries = self.pods.get(key, {}).values()
         times = [e.ended_at for e in entries if e.ended_at is not None and not _is_tensorboard_server(e.body)]
         return max(times) if times else None
-
-
-# Event reasons that say why a pod went, as the DisruptionTarget condition would have (read when the pod
-# itself is gone): the scheduler's preemption, the taint manager, the kubelet's node-pressure eviction.
-_EVENT_CAUSES = {
-    "Preempted": "PreemptionByScheduler",
-    "TaintManagerEviction": "DeletionByTaintManager",
-    "Evicted": "TerminationByKubelet",
-}
-
-
-def _event_time(event: Mapping[str, Any]) -> datetime | None:
-    return parse_time(
-        event.get("eventTime")
-        or event.get("lastTimestamp")
-        or event.get("firstTimestamp")
-        or (event.get("metadata") or {}).get("creationTimestamp")
-    )
-
-
-_CHILD_PLURALS = {
-    "PersistentVolumeClaim": "persistentvolumeclaims",
-    "ConfigMap": "configmaps",
-    "Service": "services",
-}
-
-
-def _owner_uid(body: Mapping[str, Any]) -> str | None:
-    owner: dict[str, Any] = next(iter(body["metadata"].get("ownerReferences") or []), {})
-    return owner.get("uid")
 
 
 def _is_tensorboard_server(body: Mapping[str, Any]) -> bool:
