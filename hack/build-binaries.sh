@@ -8,7 +8,7 @@
 # second. Go's module and build caches live under .../kubetune/go so a rebuild after a version bump only
 # compiles what changed. See docs/cluster.md for the pins and why each one was chosen.
 #
-# Environment: KUBETUNE_BUILD_ONLY="etcd kube" builds a subset (names: etcd kube kubelet kwok helm).
+# Environment: KUBETUNE_BUILD_ONLY="etcd kube" builds a subset (names: etcd kube kubelet kwok helm kueue).
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -16,6 +16,7 @@ K8S_VERSION=v1.34.4      # k8s.io/kubernetes; staging modules are v0.34.4
 ETCD_VERSION=v3.6.16     # go.etcd.io/etcd/server/v3, newest 3.6.x patch on the module proxy
 KWOK_VERSION=v0.7.0      # sigs.k8s.io/kwok
 HELM_VERSION=v3.22.0     # helm.sh/helm/v3
+KUEUE_VERSION=v0.17.0    # sigs.k8s.io/kueue (cmd/kueue, the manager; its CRDs come from the same module)
 
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/kubetune"
 BIN="$CACHE/bin"
@@ -25,7 +26,7 @@ export GOPATH="$CACHE/go" GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build"
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS="-mod=mod -buildvcs=false"
 export PATH="/usr/local/go/bin:$PATH"
 JOBS=${KUBETUNE_BUILD_JOBS:-$(nproc)}
-ONLY=${KUBETUNE_BUILD_ONLY:-"etcd kube kwok kubelet helm"}
+ONLY=${KUBETUNE_BUILD_ONLY:-"etcd kube kwok kubelet helm kueue"}
 
 log() { printf '[build-binaries] %s\n' "$*" >&2; }
 wants() { [[ " $ONLY " == *" $1 "* ]]; }
@@ -167,6 +168,27 @@ build_helm() {
   link "$out" helm
 }
 
+build_kueue() {
+  # The manager binary, plus its CRD and webhook manifests from the same module version: hack/cluster.sh
+  # (KUBETUNE_KUEUE=1, or `hack/cluster.sh kueue up`) applies them through hack/kueue_manifests.py.
+  local out="$BIN/kueue-$KUEUE_VERSION"
+  if ! built "$out" kueue || [[ ! -f "$out/manifests/webhook.yaml" ]]; then
+    log "building kueue $KUEUE_VERSION"
+    local t0=$SECONDS
+    mkdir -p "$out"
+    GOBIN="$out" go install -p "$JOBS" -trimpath -ldflags "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION" \
+      "sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION"
+    local src; src=$(go mod download -json "sigs.k8s.io/kueue@$KUEUE_VERSION" | sed -n 's/^\s*"Dir": "\(.*\)",\?$/\1/p')
+    rm -rf "$out/manifests.tmp" && mkdir -p "$out/manifests.tmp/crd"
+    cp "$src"/config/components/crd/bases/*.yaml "$out/manifests.tmp/crd/"
+    cp "$src"/config/components/webhook/manifests.yaml "$out/manifests.tmp/webhook.yaml"
+    chmod -R u+w "$out/manifests.tmp" && rm -rf "$out/manifests" && mv "$out/manifests.tmp" "$out/manifests"
+    log "built kueue in $((SECONDS - t0))s"
+  fi
+  link "$out" kueue
+  ln -sfn "$out/manifests" "$CURRENT/kueue-manifests"
+}
+
 start=$SECONDS
 # Order: what the cluster needs first, so `hack/cluster.sh up` works as early as possible on a cold build.
 wants etcd && build_etcd
@@ -174,6 +196,7 @@ wants kube && build_kube
 wants kwok && build_kwok
 wants kubelet && build_kubelet
 wants helm && build_helm
+wants kueue && build_kueue
 
 log "binaries ready in $CURRENT ($((SECONDS - start))s)."
 if [[ -x /usr/bin/kubectl && "$(readlink -f /usr/bin/kubectl)" != "$(readlink -f "$CURRENT/kubectl")" ]]; then

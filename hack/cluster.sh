@@ -7,12 +7,14 @@
 #   hack/cluster.sh down     stop every process by PID (TERM, then KILL) and delete the state directory
 #   hack/cluster.sh status   exit 0 when every component runs and the apiserver is ready
 #   hack/cluster.sh apiserver stop|start   stop or start only the apiserver (a test hook for watch gaps)
+#   hack/cluster.sh kueue up|down|status    start Kueue's manager on a running cluster (its CRDs and
+#                            webhooks too), or stop it; `up` starts it itself when KUBETUNE_KUEUE=1
 #
 # Environment (all optional):
 #   KUBETUNE_CLUSTER_DIR        state directory (default <repo>/.cluster): certs, kubeconfig, logs, pids
 #   KUBETUNE_APISERVER_PORT     kube-apiserver port (default 6443)
-#   KUBETUNE_PORT_BASE          first of 5 consecutive ports for etcd client/peer, controller-manager,
-#                               scheduler and kwok (default 23790). Keep all ports below the ephemeral
+#   KUBETUNE_PORT_BASE          first of 8 consecutive ports for etcd client/peer, controller-manager,
+#                               scheduler, kwok and Kueue's webhook/metrics/health (default 23790). Keep all ports below the ephemeral
 #                               range (/proc/sys/net/ipv4/ip_local_port_range, usually 32768+): a port
 #                               there can be taken by any outgoing connection.
 #   KUBETUNE_BIN_DIR            binaries (default ${XDG_CACHE_HOME:-~/.cache}/kubetune/bin/current)
@@ -30,6 +32,7 @@ API_PORT=${KUBETUNE_APISERVER_PORT:-6443}
 BASE=${KUBETUNE_PORT_BASE:-23790}
 ETCD_PORT=$BASE ETCD_PEER_PORT=$((BASE + 1)) KCM_PORT=$((BASE + 2)) SCHED_PORT=$((BASE + 3))
 KWOK_PORT=$((BASE + 4))
+KUEUE_WEBHOOK_PORT=$((BASE + 5)) KUEUE_METRICS_PORT=$((BASE + 6)) KUEUE_HEALTH_PORT=$((BASE + 7))
 START_TIMEOUT=${KUBETUNE_START_TIMEOUT:-60}
 SERVICE_CIDR=10.96.0.0/16
 # Stop order; start order is the reverse.
@@ -75,7 +78,7 @@ stop_one() {
 
 stop_all() {
   local c
-  for c in "${COMPONENTS[@]}"; do stop_one "$c"; done
+  for c in kueue "${COMPONENTS[@]}"; do stop_one "$c"; done
 }
 
 # A port is busy when something listens on it, or when any socket other than a TIME-WAIT one uses it
@@ -255,11 +258,93 @@ start_apiserver() {
   wait_until kube-apiserver readyz
 }
 
+# Kueue (sigs.k8s.io/kueue's manager, hack/build-binaries.sh): a host process like the others. Its
+# webhooks (conversion and admission, Kueue's own API group only) reach it by url with our CA; see
+# hack/kueue_manifests.py. It runs as a system:masters client, as kwok does.
+kueue_ready() {
+  curl -sf --max-time 2 "http://127.0.0.1:$KUEUE_HEALTH_PORT/readyz" >/dev/null &&
+    # the admission webhook answers (a server-side dry run goes through it)
+    kc create --dry-run=server -f - <<<'{"apiVersion":"kueue.x-k8s.io/v1beta2","kind":"ResourceFlavor","metadata":{"name":"kubetune-probe"}}'
+}
+
+# With its internal cert management off, Kueue's manager reads its metrics serving certificate from the
+# fixed path its Deployment mounts (cmd/kueue/main.go: /etc/kueue/metrics/certs). Written once, atomically
+# (a directory rename), never overwritten, so clusters started side by side never see half a pair.
+KUEUE_METRICS_CERTS=/etc/kueue/metrics/certs
+kueue_metrics_cert() {
+  [[ -f $KUEUE_METRICS_CERTS/tls.crt && -f $KUEUE_METRICS_CERTS/tls.key ]] && return 0
+  mkdir -p "$(dirname "$KUEUE_METRICS_CERTS")" 2>/dev/null ||
+    die "kueue needs $KUEUE_METRICS_CERTS (its metrics certificate); run as root or create it"
+  local tmp; tmp=$(mktemp -d "$(dirname "$KUEUE_METRICS_CERTS")/.certs.XXXXXX")
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \
+    -subj "/CN=kueue-metrics" -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
+    -keyout "$tmp/tls.key" -out "$tmp/tls.crt" 2>/dev/null
+  chmod 755 "$tmp"
+  mv -T "$tmp" "$KUEUE_METRICS_CERTS" 2>/dev/null || rm -rf "$tmp"  # another cluster won the race
+}
+
+kueue_up() {
+  if ours kueue >/dev/null; then log "kueue already running"; return 0; fi
+  [[ -x $BIN/kueue && -f $BIN/kueue-manifests/webhook.yaml ]] ||
+    die "$BIN/kueue is missing: run 'KUBETUNE_BUILD_ONLY=kueue bash hack/build-binaries.sh' (or make setup)"
+  local py=$REPO/.venv/bin/python p k=$DIR/kueue
+  [[ -x $py ]] || die "$py is missing: run make setup"
+  for p in $KUEUE_WEBHOOK_PORT $KUEUE_METRICS_PORT $KUEUE_HEALTH_PORT; do
+    port_busy "$p" && die "kueue cannot start: port 127.0.0.1:$p is in use (set KUBETUNE_PORT_BASE)"
+  done
+  mkdir -p "$k/certs"
+  [[ -f $PKI/kueue.crt ]] || { cert kueue kueue-controller system:masters; kubeconfig kueue "$DIR/kueue.kubeconfig"; }
+  [[ -f $PKI/kueue-webhook.crt ]] || cert kueue-webhook kueue-webhook "" "IP:127.0.0.1,DNS:localhost"
+  cp "$PKI/kueue-webhook.crt" "$k/certs/tls.crt" && cp "$PKI/kueue-webhook.key" "$k/certs/tls.key"
+  kueue_metrics_cert
+  cat >"$k/config.yaml" <<EOF
+apiVersion: config.kueue.x-k8s.io/v1beta2
+kind: Configuration
+namespace: kueue-system
+health:
+  healthProbeBindAddress: 127.0.0.1:$KUEUE_HEALTH_PORT
+metrics:
+  bindAddress: 127.0.0.1:$KUEUE_METRICS_PORT
+webhook:
+  host: 127.0.0.1
+  port: $KUEUE_WEBHOOK_PORT
+  certDir: $k/certs
+leaderElection:
+  leaderElect: false
+internalCertManagement:
+  enable: false
+manageJobsWithoutQueueName: false
+integrations:
+  frameworks: []
+  externalFrameworks:
+  - FineTuneJob.v1alpha1.kubetune.io
+EOF
+  "$py" "$HACK/kueue_manifests.py" "$BIN/kueue-manifests/crd" "$BIN/kueue-manifests/webhook.yaml" \
+    "https://127.0.0.1:$KUEUE_WEBHOOK_PORT" "$PKI/ca.crt" >"$k/manifests.yaml"
+  kc create namespace kueue-system --dry-run=client -o yaml | kc apply -f - >/dev/null
+  kc apply --server-side --force-conflicts -f "$k/manifests.yaml" >/dev/null
+  kc wait --for condition=Established --timeout 60s crd -l '!kubetune.io/none' >/dev/null
+  start kueue --config "$k/config.yaml" --kubeconfig "$DIR/kueue.kubeconfig" \
+    --feature-gates VisibilityOnDemand=false --zap-log-level 2
+  wait_until kueue kueue_ready
+  log "kueue up: webhooks https://127.0.0.1:$KUEUE_WEBHOOK_PORT, log $DIR/logs/kueue.log"
+}
+
+kueue_down() {
+  stop_one kueue
+  # Without the manager its webhooks would refuse every Kueue object: remove them with it.
+  if [[ -f $KUBECONFIG_PATH ]] && readyz; then
+    kc delete mutatingwebhookconfiguration/kueue-mutating-webhook-configuration \
+      validatingwebhookconfiguration/kueue-validating-webhook-configuration --ignore-not-found >/dev/null
+  fi
+}
+
 up() {
   local t0=$SECONDS
   if healthy; then
     log "already up ($DIR)"
     real_node up
+    [[ ${KUBETUNE_KUEUE:-0} != 1 ]] || kueue_up
     echo "export KUBECONFIG=$KUBECONFIG_PATH"
     return 0
   fi
@@ -321,6 +406,7 @@ up() {
   kc apply -f "$HACK/k8s/storageclass.yaml" -f "$HACK/k8s/nodes.yaml" >/dev/null
   wait_until kwok nodes_ready
   real_node up || { stop_all; exit 1; }
+  [[ ${KUBETUNE_KUEUE:-0} != 1 ]] || kueue_up
 
   touch "$DIR/ready"
   log "up in $((SECONDS - t0))s: apiserver https://127.0.0.1:$API_PORT, state in $DIR"
@@ -371,5 +457,14 @@ apiserver)
   *) echo "usage: $0 apiserver stop|start" >&2; exit 2 ;;
   esac
   ;;
-*) echo "usage: $0 up|down|status|apiserver stop|start" >&2; exit 2 ;;
+kueue)
+  lock
+  case "${2:-}" in
+  up) kueue_up ;;
+  down) kueue_down ;;
+  status) pid=$(ours kueue) && kueue_ready >/dev/null 2>&1 && echo "kueue running (pid $pid)" ;;
+  *) echo "usage: $0 kueue up|down|status" >&2; exit 2 ;;
+  esac
+  ;;
+*) echo "usage: $0 up|down|status|apiserver stop|start|kueue up|down|status" >&2; exit 2 ;;
 esac
