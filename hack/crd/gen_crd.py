@@ -612,7 +612,8 @@ STATUS = obj(
     "Observed state, written by the operator.",
     {
         "phase": enum(
-            "Lifecycle phase.", ["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
+            "Lifecycle phase (Queued: waiting for Kueue to admit the job).",
+            ["Pending", "Queued", "Running", "Restarting", "Suspended", "Succeeded", "Failed"],
         ),
         "message": string("One-line human-readable summary of the current state.", 1024, min_len=None),
         "conditions": array(
@@ -691,6 +692,19 @@ STATUS = obj(
             {
                 "runId": string("W&B run id, stable across attempts.", 128, min_len=None),
                 "url": string("Run URL (online mode).", 2048, min_len=None),
+            },
+        ),
+        "kueue": obj(
+            "Queueing through Kueue (jobs labelled kueue.x-k8s.io/queue-name).",
+            {
+                "localQueue": string("The LocalQueue (the label's value).", 253, min_len=None),
+                "workload": string("The Workload the operator created for this job.", 253, min_len=None),
+                "clusterQueue": string("The ClusterQueue that admitted it.", 253, min_len=None),
+                "flavors": array(
+                    "The ResourceFlavors it was admitted on.", string("A flavor.", 253, min_len=None), 16
+                ),
+                "admitted": boolean("Whether Kueue admits it now (its pods may run)."),
+                "queuedSince": timestamp("When it last started waiting for admission."),
             },
         ),
         "startTime": timestamp("When the first attempt started."),

@@ -108,6 +108,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_false",
         help="act without holding the Lease (only for a single replica)",
     )
+    p.add_argument(
+        "--kueue",
+        choices=("auto", "off"),
+        default="auto",
+        help="auto: queue FineTuneJobs labelled kueue.x-k8s.io/queue-name through Kueue when its Workload "
+        "API is served; off: ignore the label (the chart's kueue.enabled=false)",
+    )
     p.add_argument("--leader-namespace", default=os.environ.get("POD_NAMESPACE", "default"))
     p.add_argument("--leader-name", default="kubetune-operator")
     p.add_argument(
@@ -158,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             wandb_url_base=args.wandb_url_base,
         ),
         namespaces=tuple(args.namespace),
+        kueue=args.kueue,
     )
     options = Options(
         kubeconfig=args.kubeconfig,

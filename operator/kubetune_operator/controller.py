@@ -27,6 +27,7 @@ from kubetune_operator.api import API_VERSION, FineTuneJob, JobKey, SpecError, p
 from kubetune_operator.children import CHILD_PLURALS, Children, owner_uid
 from kubetune_operator.informer import Informer
 from kubetune_operator.kube import ApiError, Kube
+from kubetune_operator.kueue_client import KueueClient
 from kubetune_operator.metrics import OperatorMetrics, parse_trainer_metrics
 from kubetune_operator.runtime import WorkQueue
 from kubetune_operator.status import JobStatus, fmt_time, set_phase, status_patch
@@ -46,6 +47,7 @@ class ControllerConfig:
     lifecycle: lifecycle.Settings = field(default_factory=lifecycle.Settings)
     namespaces: tuple[str, ...] = ()  # watch only these (empty: every namespace)
     resync_seconds: float = 60.0  # every live job is reconciled at least this often
+    kueue: str = "auto"  # auto: queue labelled jobs through Kueue when its API is served; off
 
 
 @dataclass
@@ -92,6 +94,7 @@ class Controller:
             lambda: [JobStatus.parse(j.get("status")).phase for j in self.jobs.values()],
             lambda: self.kube.requests,
         )
+        self.kueue = KueueClient(kube, config.kueue, config.namespaces, self.queue.add)
         self.active = asyncio.Event()  # set while this replica is the leader
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -160,6 +163,8 @@ class Controller:
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.config.workers)]
         informers = [*self.pod_informers, *(i for infs in self.children.informers.values() for i in infs)]
+        if await self.kueue.probe():
+            informers += self.kueue.informers
         self._tasks += [asyncio.create_task(inf.run()) for inf in informers]
         self._tasks.append(asyncio.create_task(self._resync()))
 
@@ -221,7 +226,9 @@ class Controller:
         seen = JobStatus.parse(status)
         finished = seen.finished and job.spec.run_policy.ttl_seconds_after_finished is None
         gone = all(e.gone for e in self.pods.get(key, {}).values())
-        if finished and gone and not tensorboard.involved(job, status):
+        queue = await self.kueue.view(key, job, body)
+        workload_open = queue is not None and queue.workload is not None and not queue.workload.finished
+        if finished and gone and not tensorboard.involved(job, status) and not workload_open:
             return None
         views = await self._pod_views(key, job, seen)
         obs = lifecycle.Observed(
@@ -238,6 +245,7 @@ class Controller:
             existing_claim_modes=await self._existing_claim_modes(key, job),
             tensorboard_error=self.children.board_errors.get(key),
             create_error=self.children.errors.get(key),
+            queue=queue,
         )
         plan = lifecycle.plan(obs, self.config.lifecycle)
         if not self.active.is_set():
@@ -257,6 +265,10 @@ class Controller:
         if not wrote:
             return 0.5  # someone wrote first: re-plan from the newer object
         await self._apply(key, body, job, plan, created)
+        if not await self.kueue.apply(key, job, plan.workload_create, plan.workload_patch):
+            return 0.5
+        if plan.queued_seconds is not None and created:
+            self.metrics.queued.observe(plan.queued_seconds)
         if not created:
             return 0.0  # the API refused a child: the next plan says so in the status
         if not await self.children.create_tensorboard(key, plan):

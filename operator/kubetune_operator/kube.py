@@ -21,6 +21,11 @@ from kubetune_operator.api import GROUP, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
 
+_KUEUE_PLURALS = {
+    "Workload": "workloads",
+    "ResourceFlavor": "resourceflavors",
+    "WorkloadPriorityClass": "workloadpriorityclasses",
+}
 _CORE_PLURALS = {
     "Pod": "pods",
     "PersistentVolumeClaim": "persistentvolumeclaims",
@@ -58,6 +63,13 @@ def collection_path(api_version: str, kind: str, namespace: str | None) -> str:
         return f"/api/v1/namespaces/{namespace}/{plural}" if namespace else f"/api/v1/{plural}"
     if kind == "FineTuneJob":
         return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
+    if api_version.startswith("kueue.x-k8s.io/"):
+        plural = _KUEUE_PLURALS[kind]
+        return (
+            f"/apis/{api_version}/namespaces/{namespace}/{plural}"
+            if namespace
+            else f"/apis/{api_version}/{plural}"
+        )
     if kind == "Lease":
         return f"/apis/{api_version}/namespaces/{namespace}/leases"
     raise ValueError(f"unsupported kind {api_version}/{kind}")

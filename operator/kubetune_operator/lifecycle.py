@@ -24,7 +24,7 @@ import copy
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 
-from kubetune_operator import builders, tensorboard
+from kubetune_operator import builders, kueue, queueing, tensorboard
 from kubetune_operator.counting import backoff_seconds, restart_cause
 from kubetune_operator.judging import (
     Judged,
@@ -116,6 +116,7 @@ def _plan_training(obs: Observed, settings: Settings, d: Draft) -> None:
 
     if st.get("phase") in FINISHED:
         tear_down_live(obs, ends, d, attempt_below=None)
+        queueing.finish(obs, d)
         ttl_after_finished(obs, d)
         return
 
@@ -134,6 +135,9 @@ def _plan_training(obs: Observed, settings: Settings, d: Draft) -> None:
         return
     if st.get("phase") == "Suspended":
         mark(d, obs, "Pending", "Resumed", f"resuming: attempt {attempt} will continue from the checkpoint")
+    if queueing.hold(obs, ends, d):
+        return
+    attempt = int(st["attempt"])
 
     seen = {p.rank for p in obs.pods if p.attempt == attempt}
     every_rank_seen = seen >= set(range(job.spec.workers))
@@ -224,7 +228,7 @@ def _start_attempt(
         # Created in an earlier reconcile (even if already gone again): the attempt is live; never a twin.
         st.pop("nextAttemptTime", None)
         return "judge"
-    phase = "Pending" if attempt == 1 else "Restarting"
+    phase = "Pending" if attempt == 1 or st.get("phase") == "Queued" else "Restarting"
     if obs.missing:
         mark(d, obs, phase, "WaitingForDependencies", _missing_message(obs.missing))
         d.requeue.append(10.0)
@@ -251,6 +255,9 @@ def _start_attempt(
     sidecar = tensorboard.sidecar_wanted(job, obs.claim_modes)
     # After a partly refused create, only the ranks never seen are created.
     fresh = builders.attempt_pods(job, attempt, tensorboard_sidecar=sidecar)
+    if d.placement is not None:  # Kueue admitted the job onto these flavors
+        for pod in fresh:
+            kueue.apply_placement(pod, *d.placement)
     d.create.extend(p for p in fresh if p["metadata"]["name"] not in seen)
     d.started = attempt
     st.pop("nextAttemptTime", None)  # recorded before the create: this attempt's pods are never re-created
@@ -258,7 +265,7 @@ def _start_attempt(
     resume = f"resuming from checkpoint step {ckpt}" if ckpt is not None else "starting from scratch"
     blocked = get_condition(st, "Blocked")
     if announce and not (blocked and blocked.get("status") == "True"):  # a retry keeps the refusal shown
-        phase = "Pending" if st.get("phase") in (None, "Pending") else "Restarting"
+        phase = "Pending" if st.get("phase") in (None, "Pending") or attempt == 1 else "Restarting"
         msg = f"attempt {attempt}: {job.spec.workers} pod(s) created, {resume}"
         mark(d, obs, phase, restart_cause(st, "PodsCreated"), msg)
     d.events.append(

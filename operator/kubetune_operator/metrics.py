@@ -13,6 +13,7 @@ from kubetune_operator.lifecycle import Progress
 from kubetune_operator.status import PHASES
 
 _RECOVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+_QUEUED_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 _RECONCILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
@@ -71,6 +72,12 @@ class OperatorMetrics:
             "kubetune_recovery_seconds",
             "Seconds from a disruption being seen to the replacement pod being created",
             buckets=_RECOVERY_BUCKETS,
+            registry=r,
+        )
+        self.queued = Histogram(
+            "kubetune_queued_seconds",
+            "Seconds a Kueue-queued job waited in its LocalQueue before admission (each admission)",
+            buckets=_QUEUED_BUCKETS,
             registry=r,
         )
         self.reconcile = Histogram(

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from kubetune_operator import tensorboard
+from kubetune_operator import kueue, tensorboard
 from kubetune_operator.api import FineTuneJob
 from kubetune_operator.pods import PodView
 from kubetune_operator.status import set_phase
@@ -76,6 +76,7 @@ class Observed:
     tensorboard_error: str | None = None  # why the last TensorBoard create failed (the API's words)
     existing_claim_modes: tuple[str, ...] | None = None  # spec.checkpoint.existingClaim's; None: not found
     create_error: CreateError | None = None  # the API refused a child of the current attempt
+    queue: kueue.QueueView | None = None  # set when the job is labelled for a Kueue LocalQueue
 
     @property
     def claim_modes(self) -> tuple[str, ...] | None:
@@ -108,6 +109,9 @@ class Plan:
     failed: str | None = None  # metric: failure cause counted by this plan
     lost_steps: int = 0
     started_attempt: int | None = None
+    workload_create: dict[str, Any] | None = None  # the Kueue Workload to create if absent
+    workload_patch: dict[str, Any] | None = None  # a merge patch of the Workload's status
+    queued_seconds: float | None = None  # metric: the wait in the LocalQueue that admission ended
 
 
 @dataclass
@@ -125,6 +129,11 @@ class Draft:
     lost: int = 0
     started: int | None = None
     delete_job: bool = False
+    workload_create: dict[str, Any] | None = None
+    workload_patch: dict[str, Any] | None = None
+    queued_seconds: float | None = None
+    # The admitted flavors' node labels and tolerations, for the pods this plan creates.
+    placement: tuple[dict[str, str], list[dict[str, Any]]] | None = None
 
     def finish(self) -> Plan:
         return Plan(
@@ -141,6 +150,9 @@ class Draft:
             failed=self.failed,
             lost_steps=self.lost,
             started_attempt=self.started,
+            workload_create=self.workload_create,
+            workload_patch=self.workload_patch,
+            queued_seconds=self.queued_seconds,
         )
 
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-PHASES = ("Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
+PHASES = ("Pending", "Queued", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
 # One condition per phase a user may want to wait on (`kubectl wait --for=condition=Succeeded`).
-CONDITION_TYPES = ("Running", "Restarting", "Suspended", "Succeeded", "Failed")
+CONDITION_TYPES = ("Queued", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
 FINISHED = ("Succeeded", "Failed")
 
 

@@ -120,6 +120,7 @@ def test_default_render(helm: Helm) -> None:
         "--backoff-max-seconds=300",
         "--start-timeout-seconds=300",
         "--stuck-terminating-seconds=120",
+        "--kueue=off",
         "--leader-name=kt-kubetune",
     ]
     # Every flag the chart passes exists in the operator's CLI and parses.
@@ -433,3 +434,39 @@ def test_dashboard_json_is_generated() -> None:
 def test_example_values_files_render(helm: Helm, path: Path) -> None:
     objs = helm.template(yaml.safe_load(path.read_text()))
     assert one(objs, "Deployment")["spec"]["replicas"] >= 1
+
+
+KUEUE_NAMESPACED = [
+    {
+        "apiGroups": ["kueue.x-k8s.io"],
+        "resources": ["workloads"],
+        "verbs": ["get", "list", "watch", "create"],
+    },
+    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads/status"], "verbs": ["patch"]},
+]
+KUEUE_CLUSTER = [
+    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloadpriorityclasses", "resourceflavors"],
+     "verbs": ["get"]},
+]  # fmt: skip
+
+
+def test_kueue_adds_only_the_workload_calls(helm: Helm, tmp_path: Path) -> None:
+    """kueue.enabled adds exactly what kueue_client.py calls: Workloads get (a lagging watch), list and
+    watch (its informer), create; workloads/status patch (eviction hand-back, Finished); a GET of a
+    WorkloadPriorityClass and of a ResourceFlavor. Off (the default): no Kueue rule, --kueue=off."""
+    off = helm.template({})
+    assert "--kueue=off" in container(off)["args"]
+    assert not [
+        r for o in by_kind(off, "ClusterRole") for r in o["rules"] if "kueue.x-k8s.io" in r["apiGroups"]
+    ]
+    on = helm.template({"kueue": {"enabled": True}})
+    assert "--kueue=auto" in container(on)["args"]
+    assert one(on, "ClusterRole")["rules"] == (
+        CLUSTER_RULES[:2] + KUEUE_CLUSTER + CLUSTER_RULES[2:] + NAMESPACED_RULES + KUEUE_NAMESPACED
+    )
+    namespaced = helm.template({"kueue": {"enabled": True}, **VALUE_SETS["namespaced"]})
+    roles = [r for r in by_kind(namespaced, "Role") if r["metadata"]["name"] == "kt-kubetune"]
+    assert roles and all(r["rules"] == NAMESPACED_RULES + KUEUE_NAMESPACED for r in roles)
+    bad = values_file(tmp_path, {"kueue": {"enabled": "yes"}})
+    out = helm.run("template", "kt", str(CHART), "--kube-version", KUBE_VERSION, "-f", str(bad), check=False)
+    assert out.returncode != 0 and "/kueue/enabled" in out.stderr

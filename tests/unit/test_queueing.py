@@ -1,0 +1,147 @@
+"""The Kueue step of the lifecycle, as a table of Workload states (pure: no API)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from kubetune_operator import kueue
+from kubetune_operator.status import get_condition
+from tests.unit.test_lifecycle import T0, make_job, pod, pods_created, run
+
+pytestmark = pytest.mark.unit
+
+
+def workload(*conds: tuple[str, bool, str, str], flavor: str | None = None) -> kueue.WorkloadView:
+    raw = [
+        {"type": t, "status": "True" if s else "False", "reason": r, "message": m, "lastTransitionTime": "x"}
+        for t, s, r, m in conds
+    ]
+    body: dict = {"metadata": {"name": "finetunejob-demo-u-1", "resourceVersion": "7"}, "status": {}}
+    body["status"]["conditions"] = raw
+    if flavor:
+        body["status"]["admission"] = {
+            "clusterQueue": "cq",
+            "podSetAssignments": [{"name": "trainer", "flavors": {"nvidia.com/gpu": flavor}}],
+        }
+    return kueue.workload_view(body)
+
+
+ADMITTED = (("QuotaReserved", True, "QuotaReserved", "ok"), ("Admitted", True, "Admitted", "ok"))
+PREEMPTED = (
+    "Evicted",
+    True,
+    "Preempted",
+    "Preempted to accommodate a workload (UID: x) due to prioritization",
+)
+GPU = kueue.Flavor(node_labels={"pool": "gpu"}, tolerations=({"key": "gpu", "operator": "Exists"},))
+
+
+def queue(wl: kueue.WorkloadView | None, **kw) -> kueue.QueueView:
+    return kueue.QueueView(local_queue="team-a", workload=wl, flavors={"gpu": GPU}, **kw)
+
+
+def test_a_labelled_job_creates_its_workload_and_no_pod_until_admitted():
+    job = make_job(workers=2)
+    p = run(job, {}, [], queue=queue(None))
+    assert pods_created(p) == [] and p.status["phase"] == "Queued"
+    wl = p.workload_create
+    assert wl is not None and wl["spec"]["queueName"] == "team-a"
+    assert wl["spec"]["podSets"][0]["count"] == 2  # one gang
+    assert wl["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert get_condition(p.status, "Queued")["status"] == "True"
+    waiting = workload(("QuotaReserved", False, "Inadmissible", "LocalQueue team-a doesn't exist"))
+    p2 = run(job, p.status, [], queue=queue(waiting))
+    assert pods_created(p2) == [] and p2.workload_create is None
+    assert "LocalQueue team-a doesn't exist" in p2.status["message"]
+    assert get_condition(p2.status, "Queued")["reason"] == "Inadmissible"
+
+
+def test_admission_starts_the_pods_on_the_admitted_flavor_and_reports_the_wait():
+    job = make_job()
+    p = run(job, {}, [], queue=queue(None))
+    later = T0 + timedelta(seconds=42)
+    p2 = run(job, p.status, [], now=later, queue=queue(workload(*ADMITTED, flavor="gpu")))
+    assert pods_created(p2) == ["demo-a1-0"] and p2.status["phase"] == "Pending"
+    spec = next(o for o in p2.create if o["kind"] == "Pod")["spec"]
+    assert spec["nodeSelector"] == {"pool": "gpu"}
+    assert {"key": "gpu", "operator": "Exists"} in spec["tolerations"]
+    assert p2.queued_seconds == 42.0
+    assert p2.status["kueue"]["admitted"] is True and p2.status["kueue"]["clusterQueue"] == "cq"
+
+
+def test_a_kueue_preemption_stops_gracefully_counts_once_and_hands_the_quota_back():
+    job = make_job(backoffLimit=0)
+    admitted = queue(workload(*ADMITTED, flavor="gpu"))
+    p1 = run(job, {}, [], queue=admitted)
+    st = run(job, p1.status, [pod()], queue=admitted).status
+    assert st["phase"] == "Running"
+    evicted = queue(workload(*ADMITTED, PREEMPTED, flavor="gpu"))
+    p = run(job, st, [pod()], queue=evicted)
+    assert p.delete_pods == ("demo-a1-0",)  # graceful: SIGTERM, checkpoint, exit 143
+    assert p.status["preemptionsByReason"] == {"KueuePreempted": 1}
+    assert p.status["failures"] == 0 and p.status["lostSteps"] == 0
+    assert p.status["phase"] == "Queued" and p.status["attempt"] == 2
+    assert p.workload_patch is None  # the quota stays reserved until the pod has stopped
+    assert pods_created(p) == []
+    stopping = pod(phase="Running", deleting_since=T0)
+    p2 = run(job, p.status, [stopping], queue=evicted)
+    assert p2.status["preemptions"] == 1 and p2.workload_patch is None
+    gone = pod(phase="Failed", exit_code=143, deleting_since=T0)
+    p3 = run(job, p2.status, [gone], queue=evicted)
+    assert p3.status["preemptions"] == 1 and p3.status["failures"] == 0
+    patch = p3.workload_patch
+    assert patch is not None and patch["admission"] is None
+    conds = {c["type"]: (c["status"], c["reason"]) for c in patch["conditions"]}
+    assert conds["QuotaReserved"] == ("False", "Pending") and conds["Requeued"] == ("True", "Preempted")
+    assert conds["Admitted"] == ("False", "NoReservation")
+    # Re-admitted: attempt 2 starts (it resumes from the checkpoint), nothing more is counted.
+    p4 = run(job, p3.status, [gone], queue=admitted)
+    assert pods_created(p4) == ["demo-a2-0"] and p4.status["phase"] == "Restarting"
+    assert p4.status["preemptions"] == 1
+
+
+def test_other_evictions_count_as_kueue_evicted():
+    job = make_job()
+    admitted = queue(workload(*ADMITTED, flavor="gpu"))
+    st = run(job, run(job, {}, [], queue=admitted).status, [pod()], queue=admitted).status
+    stopped = ("Evicted", True, "ClusterQueueStopped", "The ClusterQueue is stopped")
+    p = run(job, st, [pod()], queue=queue(workload(*ADMITTED, stopped, flavor="gpu")))
+    assert p.status["preemptionsByReason"] == {"KueueEvicted": 1} and p.status["failures"] == 0
+
+
+def test_a_finished_job_finishes_its_workload():
+    job = make_job()
+    admitted = queue(workload(*ADMITTED, flavor="gpu"))
+    st = run(job, run(job, {}, [], queue=admitted).status, [pod()], queue=admitted).status
+    done = run(job, st, [pod(phase="Succeeded", exit_code=0)], queue=admitted)
+    assert done.status["phase"] == "Succeeded"
+    p = run(job, done.status, [pod(phase="Succeeded", exit_code=0)], queue=admitted)
+    conds = {c["type"]: (c["status"], c["reason"]) for c in p.workload_patch["conditions"]}
+    assert conds["Finished"] == ("True", "Succeeded")
+    finished = queue(workload(*ADMITTED, ("Finished", True, "Succeeded", ""), flavor="gpu"))
+    assert run(job, done.status, [pod(phase="Succeeded", exit_code=0)], queue=finished).workload_patch is None
+
+
+def test_an_unknown_priority_class_says_so_and_creates_nothing():
+    job = make_job()
+    p = run(
+        job,
+        {},
+        [],
+        queue=queue(
+            None,
+            priority_class="urgent",
+            error="WorkloadPriorityClass urgent (label kueue.x-k8s.io/priority-class) does not exist",
+        ),
+    )
+    assert p.workload_create is None and pods_created(p) == []
+    assert get_condition(p.status, "Queued")["reason"] == "QueueConfigError"
+    assert "WorkloadPriorityClass urgent" in p.status["message"]
+
+
+def test_workload_names_are_per_job_object_and_valid():
+    job = make_job()
+    name = kueue.workload_name(job)
+    assert name == "finetunejob-demo-u-1" and len(kueue.workload_name(make_job())) <= 253
