@@ -1,0 +1,240 @@
+"""FineTuneJobs queued through the real Kueue (v0.17.0, built from Go modules, started on the local
+cluster by `hack/cluster.sh kueue up`): admission, priority preemption that costs no failure budget,
+re-admission, the flavor's placement, and Kueue's own words when a job cannot be admitted.
+
+One ClusterQueue with an `nvidia.com/gpu` quota of 8 (scoped to the test's namespace), one LocalQueue,
+two WorkloadPriorityClasses, one ResourceFlavor whose node labels and toleration lead to a dedicated
+fake node with 8 GPUs: a pod without the flavor's placement cannot schedule there."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from kubeutil import CLUSTER_SH, dedicated_toleration, patch_pod_terminated, wait_for
+from opkit import OperatorProcess, apply, job_manifest
+
+pytestmark = pytest.mark.cluster
+
+GROUP, VERSION = "kubetune.io", "v1alpha1"
+KQ = "kueue.x-k8s.io"
+
+
+def cluster_sh(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(CLUSTER_SH), *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def kueue(kube: Any) -> Iterator[Any]:
+    if not kube.local:
+        pytest.skip("needs the local cluster (hack/cluster.sh starts Kueue)")
+    running = cluster_sh("kueue", "status").returncode == 0
+    if not running:
+        up = cluster_sh("kueue", "up")
+        assert up.returncode == 0, f"hack/cluster.sh kueue up failed:\n{up.stderr}\n{up.stdout}"
+    yield kube
+    if not running:
+        cluster_sh("kueue", "down")
+
+
+def kapply(kube: Any, obj: dict[str, Any]) -> None:
+    kube.kubectl("apply", "-f", "-", input=json.dumps(obj))
+
+
+@pytest.fixture
+def queues(kueue: Any, namespace: str, kwok_node: Any) -> Iterator[dict[str, str]]:
+    node = kwok_node(gpus=8, labels={"kubetune.io/pool": namespace})
+    tag = namespace[-6:]  # the namespace's random suffix: cluster-scoped names stay short and unique
+    names = {
+        "flavor": f"gpu-{tag}",
+        "cq": f"cq-{tag}",
+        "lq": "team",
+        "low": f"low-{tag}",
+        "high": f"high-{tag}",
+        "node": node,
+    }
+    objs: list[dict[str, Any]] = [
+        {
+            "apiVersion": f"{KQ}/v1beta2",
+            "kind": "ResourceFlavor",
+            "metadata": {"name": names["flavor"]},
+            "spec": {
+                "nodeLabels": {"kubetune.io/pool": namespace},
+                "tolerations": [dedicated_toleration(node)],
+            },
+        },
+        {
+            "apiVersion": f"{KQ}/v1beta2",
+            "kind": "ClusterQueue",
+            "metadata": {"name": names["cq"]},
+            "spec": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+                "preemption": {"withinClusterQueue": "LowerPriority"},
+                "resourceGroups": [
+                    {
+                        "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+                        "flavors": [
+                            {
+                                "name": names["flavor"],
+                                "resources": [
+                                    {"name": "cpu", "nominalQuota": "64"},
+                                    {"name": "memory", "nominalQuota": "256Gi"},
+                                    {"name": "nvidia.com/gpu", "nominalQuota": 8},
+                                ],
+                            }
+                        ],
+                    }
+                ],
+            },
+        },
+        {
+            "apiVersion": f"{KQ}/v1beta2",
+            "kind": "LocalQueue",
+            "metadata": {"name": names["lq"], "namespace": namespace},
+            "spec": {"clusterQueue": names["cq"]},
+        },
+        {"apiVersion": f"{KQ}/v1beta2", "kind": "WorkloadPriorityClass", "metadata": {"name": names["low"]}, "value": 100},
+        {"apiVersion": f"{KQ}/v1beta2", "kind": "WorkloadPriorityClass", "metadata": {"name": names["high"]}, "value": 1000},
+    ]  # fmt: skip
+    for obj in objs:
+        kapply(kueue, obj)
+    yield names
+    for kind, name in (
+        ("clusterqueue", names["cq"]),
+        ("resourceflavor", names["flavor"]),
+        ("workloadpriorityclass", names["low"]),
+        ("workloadpriorityclass", names["high"]),
+    ):
+        kueue.kubectl("delete", f"{kind}.{KQ}", name, "--ignore-not-found", "--wait=false", check=False)
+
+
+@pytest.fixture
+def operator(kueue: Any, crd: None, namespace: str, tmp_path: Path) -> Iterator[OperatorProcess]:
+    op = OperatorProcess(Path(kueue.kubeconfig), namespace, tmp_path / "operator.log").start()
+    yield op
+    op.stop()
+
+
+def queued_job(
+    name: str, queue: str, priority: str | None = None, gpus: int = 8, **spec: Any
+) -> dict[str, Any]:
+    m = job_manifest(name, resources={"gpus": gpus}, tolerations=[], **spec)
+    m["metadata"]["labels"] = {f"{KQ}/queue-name": queue}
+    if priority:
+        m["metadata"]["labels"][f"{KQ}/priority-class"] = priority
+    return m
+
+
+def status(api: client.ApiClient, ns: str, name: str) -> dict[str, Any]:
+    obj = client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, ns, "finetunejobs", name)
+    return obj.get("status") or {}
+
+
+def workloads(api: client.ApiClient, ns: str) -> list[dict[str, Any]]:
+    return client.CustomObjectsApi(api).list_namespaced_custom_object(KQ, "v1beta2", ns, "workloads")["items"]
+
+
+def phase_is(api: Any, ns: str, name: str, phase: str) -> dict[str, Any] | None:
+    st = status(api, ns, name)
+    return st if st.get("phase") == phase else None
+
+
+def running_pod(core: client.CoreV1Api, ns: str, name: str, attempt: int) -> client.V1Pod | None:
+    try:
+        pod = core.read_namespaced_pod(f"{name}-a{attempt}-0", ns)
+    except client.ApiException:
+        return None
+    return pod if pod.status.phase == "Running" else None
+
+
+def test_kueue_preemption_costs_no_failure_and_the_job_resumes_when_readmitted(
+    queues: dict[str, str],
+    operator: OperatorProcess,
+    namespace: str,
+    api_client: Any,
+    core_v1: Any,
+    kueue: Any,
+) -> None:
+    ns = namespace
+    apply(kueue, ns, queued_job("low", queues["lq"], queues["low"], runPolicy={"backoffLimit": 0}))
+    pod = wait_for(lambda: running_pod(core_v1, ns, "low", 1), timeout=60, desc="low admitted and running")
+    # The admitted flavor's placement is on the pod (the dedicated node accepts nothing else).
+    assert pod.spec.node_selector.get("kubetune.io/pool") == ns and pod.spec.node_name == queues["node"]
+    st = wait_for(lambda: phase_is(api_client, ns, "low", "Running"), timeout=30, desc="low Running")
+    assert st["kueue"]["admitted"] is True and st["kueue"]["clusterQueue"] == queues["cq"]
+    [wl] = workloads(api_client, ns)
+    assert wl["spec"]["podSets"][0]["count"] == 1 and wl["spec"]["priority"] == 100
+
+    apply(kueue, ns, queued_job("high", queues["lq"], queues["high"]))
+    st = wait_for(
+        lambda: phase_is(api_client, ns, "low", "Queued"), timeout=60, desc="low preempted by Kueue"
+    )
+    assert st["preemptionsByReason"] == {"KueuePreempted": 1}
+    assert st["failures"] == 0 and st["lostSteps"] == 0 and st["attempt"] == 2
+    wait_for(lambda: running_pod(core_v1, ns, "high", 1), timeout=60, desc="high admitted once low let go")
+    st = status(api_client, ns, "low")
+    assert st["phase"] == "Queued" and not st["kueue"]["admitted"]
+    assert not [p for p in core_v1.list_namespaced_pod(ns, label_selector="kubetune.io/job-name=low").items
+                if p.status.phase in ("Pending", "Running")]  # fmt: skip
+    events = kueue.kubectl(
+        "get", "events", "-n", ns, "--field-selector", "involvedObject.name=low", "-o", "json"
+    )
+    assert any("Kueue took the job's quota" in e["message"] for e in json.loads(events.stdout)["items"])
+
+    patch_pod_terminated(core_v1, ns, "high-a1-0", 0, "Completed")
+    wait_for(lambda: phase_is(api_client, ns, "high", "Succeeded"), timeout=60, desc="high Succeeded")
+    wait_for(lambda: running_pod(core_v1, ns, "low", 2), timeout=60, desc="low re-admitted: attempt 2 runs")
+    high_wl = next(
+        w for w in workloads(api_client, ns) if w["metadata"]["ownerReferences"][0]["name"] == "high"
+    )
+    assert any(c["type"] == "Finished" and c["status"] == "True" for c in high_wl["status"]["conditions"])
+    st = wait_for(lambda: phase_is(api_client, ns, "low", "Running"), timeout=30, desc="low Running again")
+    assert (
+        st["preemptions"] == 1 and st["failures"] == 0 and st["preemptionsByReason"] == {"KueuePreempted": 1}
+    )
+
+
+def test_a_missing_local_queue_and_an_impossible_request_say_so(
+    queues: dict[str, str], operator: OperatorProcess, namespace: str, api_client: Any, kueue: Any
+) -> None:
+    ns = namespace
+    apply(kueue, ns, queued_job("lost", "no-such-queue"))
+    apply(kueue, ns, queued_job("huge", queues["lq"], gpus=8, workers=2))  # 16 of 8
+    st = wait_for(
+        lambda: (s := phase_is(api_client, ns, "lost", "Queued")) and "no-such-queue" in s["message"] and s,
+        timeout=60, desc="lost: Kueue's reason",
+    )  # fmt: skip
+    assert "doesn't exist" in st["message"], st["message"]
+    st = wait_for(
+        lambda: (s := phase_is(api_client, ns, "huge", "Queued")) and "quota" in s["message"] and s,
+        timeout=60, desc="huge: Kueue's reason",
+    )  # fmt: skip
+    assert "nvidia.com/gpu" in st["message"], st["message"]
+    # A queued job deleted leaves no Workload behind (it is owned by the job).
+    kueue.kubectl("delete", "finetunejob", "huge", "lost", "-n", ns)
+    wait_for(lambda: not workloads(api_client, ns), timeout=60, desc="workloads garbage-collected")
+
+
+def test_a_two_worker_gang_is_admitted_whole_or_not_at_all(
+    queues: dict[str, str],
+    operator: OperatorProcess,
+    namespace: str,
+    api_client: Any,
+    core_v1: Any,
+    kueue: Any,
+) -> None:
+    ns = namespace
+    apply(kueue, ns, queued_job("fits", queues["lq"], gpus=4, workers=2))
+    wait_for(lambda: phase_is(api_client, ns, "fits", "Running"), timeout=60, desc="2 x 4 GPUs admitted")
+    apply(kueue, ns, queued_job("waits", queues["lq"], gpus=1, workers=2))
+    st = wait_for(lambda: phase_is(api_client, ns, "waits", "Queued"), timeout=30, desc="second gang waits")
+    pods = core_v1.list_namespaced_pod(ns, label_selector="kubetune.io/job-name=waits").items
+    assert pods == [] and "LocalQueue team" in st["message"]
+    [wl] = [w for w in workloads(api_client, ns) if w["metadata"]["ownerReferences"][0]["name"] == "waits"]
+    assert wl["spec"]["podSets"][0]["count"] == 2
