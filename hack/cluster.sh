@@ -336,6 +336,11 @@ kueue_down() {
   if [[ -f $KUBECONFIG_PATH ]] && readyz; then
     kc delete mutatingwebhookconfiguration/kueue-mutating-webhook-configuration \
       validatingwebhookconfiguration/kueue-validating-webhook-configuration --ignore-not-found >/dev/null
+    # And its API: its CRDs' conversion webhook is gone too, and a cluster "without Kueue" is one
+    # where kueue.x-k8s.io is not served (what the operator checks).
+    local crds
+    crds=$(kc get crd -o name | grep '\.kueue\.x-k8s\.io$' || true)
+    [[ -z $crds ]] || kc delete $crds --ignore-not-found --wait=false >/dev/null
   fi
 }
 

@@ -256,6 +256,30 @@ ROWS: tuple[Row, ...] = (
                 description="Disruption seen -> replacement pod created.",
             ),
             Panel(
+                "Time queued (Kueue)",
+                "timeseries",
+                (
+                    Query(
+                        "histogram_quantile(0.5, sum by (le) (rate(kubetune_queued_seconds_bucket[$__rate_interval])))",
+                        "p50",
+                        expect_data=False,
+                    ),
+                    Query(
+                        "histogram_quantile(0.9, sum by (le) (rate(kubetune_queued_seconds_bucket[$__rate_interval])))",
+                        "p90",
+                        expect_data=False,
+                    ),
+                    Query(
+                        "sum(increase(kubetune_queued_seconds_count[$__rate_interval]))",
+                        "admissions",
+                        expect_data=False,
+                    ),
+                ),
+                unit="s",
+                description="Kueue-queued jobs: the wait in the LocalQueue before each admission (first or "
+                "after an eviction).",
+            ),
+            Panel(
                 "Resumes",
                 "timeseries",
                 (Query(f"kubetune_trainer_resumes_total{{{SEL}}}", "{{namespace}}/{{job}}"),),

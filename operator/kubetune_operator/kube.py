@@ -138,7 +138,12 @@ class Kube:
             method, url, data=data, params=params, headers=self._headers(content_type)
         ) as resp:
             text = await resp.text()
-            doc = json.loads(text) if text else {}
+            try:
+                doc = json.loads(text) if text else {}
+            except ValueError:  # e.g. "404 page not found" for an API group nobody serves
+                if resp.status < 400:
+                    raise
+                doc = {}
             if resp.status >= 400:
                 raise ApiError(
                     resp.status, str(doc.get("reason", resp.reason)), str(doc.get("message", text))

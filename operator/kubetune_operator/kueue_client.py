@@ -50,9 +50,23 @@ class KueueClient:
                 kueue.QUEUE_LABEL,
             )
             return False
-        self.enabled = any(r.get("name") == "workloads" for r in doc.get("resources") or [])
-        log.info("Kueue integration %s", "on" if self.enabled else "off (no workloads resource)")
-        return self.enabled
+        if not any(r.get("name") == "workloads" for r in doc.get("resources") or []):
+            log.info("Kueue integration off: %s serves no workloads resource", kueue.API_VERSION)
+            return False
+        try:
+            await self.kube.request("GET", self.informers[0].path, params={"limit": "1"})
+        except ApiError as err:
+            if err.status != 403:
+                raise
+            log.warning(
+                "Kueue integration off: Kueue is installed but this operator may not list Workloads "
+                "(install the chart with kueue.enabled=true, or run with --kueue=off): %s",
+                err.message,
+            )
+            return False
+        self.enabled = True
+        log.info("Kueue integration on: jobs labelled %s are queued as Workloads", kueue.QUEUE_LABEL)
+        return True
 
     def event(self, event_type: str, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}

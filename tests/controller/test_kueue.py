@@ -238,3 +238,15 @@ def test_a_two_worker_gang_is_admitted_whole_or_not_at_all(
     assert pods == [] and "LocalQueue team" in st["message"]
     [wl] = [w for w in workloads(api_client, ns) if w["metadata"]["ownerReferences"][0]["name"] == "waits"]
     assert wl["spec"]["podSets"][0]["count"] == 2
+    # An operator restart while queued: the same Workload (same uid: the queue position is kept), no twin.
+    operator.stop()
+    operator.start()
+    st = wait_for(lambda: phase_is(api_client, ns, "waits", "Queued"), timeout=30, desc="still Queued")
+    mine = [w for w in workloads(api_client, ns) if w["metadata"]["ownerReferences"][0]["name"] == "waits"]
+    assert [w["metadata"]["uid"] for w in mine] == [wl["metadata"]["uid"]]
+    # The first gang ends: the second is admitted and both its pods start.
+    for rank in (0, 1):
+        patch_pod_terminated(core_v1, ns, f"fits-a1-{rank}", 0, "Completed")
+    wait_for(lambda: phase_is(api_client, ns, "waits", "Running"), timeout=60, desc="second gang admitted")
+    started = core_v1.list_namespaced_pod(ns, label_selector="kubetune.io/job-name=waits").items
+    assert sorted(p.metadata.name for p in started) == ["waits-a1-0", "waits-a1-1"]
