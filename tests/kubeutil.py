@@ -432,3 +432,58 @@ def process_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+KQ = "kueue.x-k8s.io"
+
+
+def kueue_queue_objects(
+    names: dict[str, str], namespace: str, toleration: dict[str, str]
+) -> list[dict[str, Any]]:
+    """A Kueue setup for one namespace: a ResourceFlavor leading to the node labelled
+    kubetune.io/pool=<namespace> (and tolerating it), a ClusterQueue with 8 nvidia.com/gpu scoped to the
+    namespace with priority preemption inside it, a LocalQueue, and two WorkloadPriorityClasses (100 and
+    1000). `names`: flavor, cq, lq, low, high."""
+    return [
+        {
+            "apiVersion": f"{KQ}/v1beta2",
+            "kind": "ResourceFlavor",
+            "metadata": {"name": names["flavor"]},
+            "spec": {
+                "nodeLabels": {"kubetune.io/pool": namespace},
+                "tolerations": [toleration],
+            },
+        },
+        {
+            "apiVersion": f"{KQ}/v1beta2",
+            "kind": "ClusterQueue",
+            "metadata": {"name": names["cq"]},
+            "spec": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+                "preemption": {"withinClusterQueue": "LowerPriority"},
+                "resourceGroups": [
+                    {
+                        "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+                        "flavors": [
+                            {
+                                "name": names["flavor"],
+                                "resources": [
+                                    {"name": "cpu", "nominalQuota": "64"},
+                                    {"name": "memory", "nominalQuota": "256Gi"},
+                                    {"name": "nvidia.com/gpu", "nominalQuota": 8},
+                                ],
+                            }
+                        ],
+                    }
+                ],
+            },
+        },
+        {
+            "apiVersion": f"{KQ}/v1beta2",
+            "kind": "LocalQueue",
+            "metadata": {"name": names["lq"], "namespace": namespace},
+            "spec": {"clusterQueue": names["cq"]},
+        },
+        {"apiVersion": f"{KQ}/v1beta2", "kind": "WorkloadPriorityClass", "metadata": {"name": names["low"]}, "value": 100},
+        {"apiVersion": f"{KQ}/v1beta2", "kind": "WorkloadPriorityClass", "metadata": {"name": names["high"]}, "value": 1000},
+    ]  # fmt: skip

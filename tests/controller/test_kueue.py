@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from kubeutil import CLUSTER_SH, dedicated_toleration, patch_pod_terminated, wait_for
+from kubeutil import CLUSTER_SH, dedicated_toleration, kueue_queue_objects, patch_pod_terminated, wait_for
 from opkit import OperatorProcess, apply, job_manifest
 
 pytestmark = pytest.mark.cluster
@@ -59,49 +59,7 @@ def queues(kueue: Any, namespace: str, kwok_node: Any) -> Iterator[dict[str, str
         "high": f"high-{tag}",
         "node": node,
     }
-    objs: list[dict[str, Any]] = [
-        {
-            "apiVersion": f"{KQ}/v1beta2",
-            "kind": "ResourceFlavor",
-            "metadata": {"name": names["flavor"]},
-            "spec": {
-                "nodeLabels": {"kubetune.io/pool": namespace},
-                "tolerations": [dedicated_toleration(node)],
-            },
-        },
-        {
-            "apiVersion": f"{KQ}/v1beta2",
-            "kind": "ClusterQueue",
-            "metadata": {"name": names["cq"]},
-            "spec": {
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
-                "preemption": {"withinClusterQueue": "LowerPriority"},
-                "resourceGroups": [
-                    {
-                        "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
-                        "flavors": [
-                            {
-                                "name": names["flavor"],
-                                "resources": [
-                                    {"name": "cpu", "nominalQuota": "64"},
-                                    {"name": "memory", "nominalQuota": "256Gi"},
-                                    {"name": "nvidia.com/gpu", "nominalQuota": 8},
-                                ],
-                            }
-                        ],
-                    }
-                ],
-            },
-        },
-        {
-            "apiVersion": f"{KQ}/v1beta2",
-            "kind": "LocalQueue",
-            "metadata": {"name": names["lq"], "namespace": namespace},
-            "spec": {"clusterQueue": names["cq"]},
-        },
-        {"apiVersion": f"{KQ}/v1beta2", "kind": "WorkloadPriorityClass", "metadata": {"name": names["low"]}, "value": 100},
-        {"apiVersion": f"{KQ}/v1beta2", "kind": "WorkloadPriorityClass", "metadata": {"name": names["high"]}, "value": 1000},
-    ]  # fmt: skip
+    objs = kueue_queue_objects(names, namespace, dedicated_toleration(node))
     for obj in objs:
         kapply(kueue, obj)
     yield names
@@ -207,10 +165,10 @@ def test_a_missing_local_queue_and_an_impossible_request_say_so(
     apply(kueue, ns, queued_job("lost", "no-such-queue"))
     apply(kueue, ns, queued_job("huge", queues["lq"], gpus=8, workers=2))  # 16 of 8
     st = wait_for(
-        lambda: (s := phase_is(api_client, ns, "lost", "Queued")) and "no-such-queue" in s["message"] and s,
+        lambda: (s := phase_is(api_client, ns, "lost", "Queued")) and "doesn't exist" in s["message"] and s,
         timeout=60, desc="lost: Kueue's reason",
     )  # fmt: skip
-    assert "doesn't exist" in st["message"], st["message"]
+    assert "LocalQueue no-such-queue" in st["message"], st["message"]
     st = wait_for(
         lambda: (s := phase_is(api_client, ns, "huge", "Queued")) and "quota" in s["message"] and s,
         timeout=60, desc="huge: Kueue's reason",
