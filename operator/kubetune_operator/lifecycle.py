@@ -78,6 +78,8 @@ def plan(obs: Observed, settings: Settings) -> Plan:
     """Decide the next status and actions for one FineTuneJob: its trainer pods, then its TensorBoard."""
     d = Draft(status=copy.deepcopy(dict(obs.status)))
     _plan_training(obs, settings, d)
+    if d.status.get("phase") in FINISHED:
+        queueing.finish(obs, d)  # in the plan that ends the job: Kueue gets the quota back at once
     if tensorboard.involved(obs.job, d.status):
         inputs = tensorboard.Inputs(
             job=obs.job,
@@ -116,7 +118,6 @@ def _plan_training(obs: Observed, settings: Settings, d: Draft) -> None:
 
     if st.get("phase") in FINISHED:
         tear_down_live(obs, ends, d, attempt_below=None)
-        queueing.finish(obs, d)
         ttl_after_finished(obs, d)
         return
 

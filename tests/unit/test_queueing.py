@@ -117,8 +117,8 @@ def test_a_finished_job_finishes_its_workload():
     st = run(job, run(job, {}, [], queue=admitted).status, [pod()], queue=admitted).status
     done = run(job, st, [pod(phase="Succeeded", exit_code=0)], queue=admitted)
     assert done.status["phase"] == "Succeeded"
-    p = run(job, done.status, [pod(phase="Succeeded", exit_code=0)], queue=admitted)
-    conds = {c["type"]: (c["status"], c["reason"]) for c in p.workload_patch["conditions"]}
+    # In the same plan that ends the job: the quota goes back without waiting for another reconcile.
+    conds = {c["type"]: (c["status"], c["reason"]) for c in done.workload_patch["conditions"]}
     assert conds["Finished"] == ("True", "Succeeded")
     finished = queue(workload(*ADMITTED, ("Finished", True, "Succeeded", ""), flavor="gpu"))
     assert run(job, done.status, [pod(phase="Succeeded", exit_code=0)], queue=finished).workload_patch is None
