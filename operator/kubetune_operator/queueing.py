@@ -99,7 +99,10 @@ def _stop_running_attempt(obs: Observed, ends: Mapping[str, PodEnd], d: Draft) -
     wl = obs.queue.workload if obs.queue else None
     ev = wl.evicted if wl is not None else None
     reason = kueue.eviction_reason(ev)
-    said = f"{ev.reason}: {ev.message}" if ev is not None else "its Workload was deleted"
+    if ev is not None:
+        said = f"{ev.reason}: {ev.message}"
+    else:
+        said = "its Workload was deleted" if wl is None else "its Workload lost its admission"
     st["preemptions"] = int(st.get("preemptions") or 0) + 1
     by_reason = dict(st.get("preemptionsByReason") or {})
     by_reason[reason] = int(by_reason.get(reason, 0)) + 1
