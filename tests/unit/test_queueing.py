@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from test_lifecycle import T0, make_job, pod, pods_created, run
 
 from kubetune_operator import kueue
 from kubetune_operator.status import get_condition
-from tests.unit.test_lifecycle import T0, make_job, pod, pods_created, run
 
 pytestmark = pytest.mark.unit
 
