@@ -49,7 +49,13 @@ class OperatorProcess:
         ]  # fmt: skip
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(self._healthy, timeout=30, desc=f"operator healthz on :{self.health_port}\n{self.tail()}")
+        try:
+            wait_for(self._healthy, timeout=30, desc=f"operator healthz on :{self.health_port}")
+        except BaseException as err:
+            # Never leave a half-started operator behind (it would reconcile on after the test), and
+            # show its log: the reason it did not get healthy is there.
+            self.stop()
+            raise AssertionError(f"{err}\noperator log:\n{self.tail()}") from err
         return self
 
     def _healthy(self) -> bool:
