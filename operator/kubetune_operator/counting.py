@@ -40,22 +40,17 @@ def _resume_step(st: Mapping[str, Any]) -> int | None:
     return (st.get("checkpoint") or {}).get("step")
 
 
-def count_disruption(obs: Observed, pod: PodView, end: PodEnd, d: Draft, others: list[str]) -> bool:
-    """Count one disruption and schedule the next attempt now; False when the job fails instead."""
-    st, now = d.status, obs.now
+def record_preemption(obs: Observed, d: Draft, reason: str, pod: str, message: str, lost: int) -> bool:
+    """Count one preemption under `reason` (the counters, lastDisruption, the lost steps, the metric);
+    False when it exceeds runPolicy.maxPreemptions, which fails the job."""
+    st = d.status
     st["preemptions"] = int(st.get("preemptions") or 0) + 1
     by_reason = dict(st.get("preemptionsByReason") or {})
-    by_reason[end.reason] = int(by_reason.get(end.reason, 0)) + 1
+    by_reason[reason] = int(by_reason.get(reason, 0)) + 1
     st["preemptionsByReason"] = by_reason
-    st["lastDisruption"] = {
-        "reason": end.reason,
-        "time": fmt_time(now),
-        "pod": pod.name,
-        "message": end.message,
-    }
-    lost = _lost_steps(st, pod.report)
+    st["lastDisruption"] = {"reason": reason, "time": fmt_time(obs.now), "pod": pod, "message": message}
     st["lostSteps"] = int(st.get("lostSteps") or 0) + lost
-    d.preempted, d.lost = end.reason, lost
+    d.preempted, d.lost = reason, lost
     limit = obs.job.spec.run_policy.max_preemptions
     if limit is not None and st["preemptions"] > limit:
         fail(
@@ -64,6 +59,15 @@ def count_disruption(obs: Observed, pod: PodView, end: PodEnd, d: Draft, others:
             "TooManyPreemptions",
             f"{st['preemptions']} preemptions exceed runPolicy.maxPreemptions ({limit})",
         )
+        return False
+    return True
+
+
+def count_disruption(obs: Observed, pod: PodView, end: PodEnd, d: Draft, others: list[str]) -> bool:
+    """Count one disruption and schedule the next attempt now; False when the job fails instead."""
+    st, now = d.status, obs.now
+    lost = _lost_steps(st, pod.report)
+    if not record_preemption(obs, d, end.reason, pod.name, end.message, lost):
         return False
     d.delete.extend(others)
     step = _resume_step(st)

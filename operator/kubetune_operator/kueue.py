@@ -18,7 +18,7 @@ from typing import Any
 
 from kubetune_operator import builders
 from kubetune_operator.api import FineTuneJob
-from kubetune_operator.status import fmt_time
+from kubetune_operator.status import set_condition
 
 GROUP = "kueue.x-k8s.io"
 VERSION = "v1beta2"
@@ -208,43 +208,24 @@ def apply_placement(
         spec["tolerations"] = have + [t for t in tolerations if t not in have]
 
 
-def _set(
-    conds: list[dict[str, Any]], kind: str, status: bool, reason: str, message: str, now: datetime, gen: int
-) -> None:
-    new = {
-        "type": kind,
-        "status": "True" if status else "False",
-        "reason": reason,
-        "message": message[:32768],
-        "lastTransitionTime": fmt_time(now),
-        "observedGeneration": gen,
-    }
-    for i, c in enumerate(conds):
-        if c.get("type") == kind:
-            if c.get("status") == new["status"]:
-                new["lastTransitionTime"] = c.get("lastTransitionTime", new["lastTransitionTime"])
-            conds[i] = new
-            return
-    conds.append(new)
-
-
 def unadmit_patch(wl: WorkloadView, now: datetime) -> dict[str, Any]:
     """The status merge patch that hands the quota back once the evicted pods are gone: admission
     cleared, QuotaReserved and Admitted False, Requeued as Kueue's integrations set it."""
     ev = wl.evicted or Condition(True, "Evicted", "")
-    conds = [dict(c) for c in wl.raw_conditions]
-    _set(conds, "Requeued", ev.reason in _REQUEUED_REASONS, ev.reason, ev.message, now, wl.generation)
-    _set(conds, "QuotaReserved", False, "Pending", ev.message, now, wl.generation)
-    _set(conds, "Admitted", False, "NoReservation", "The workload has no reservation", now, wl.generation)
-    return {"admission": None, "conditions": conds}
+    st: dict[str, Any] = {"conditions": [dict(c) for c in wl.raw_conditions]}
+    gen = wl.generation
+    set_condition(st, "Requeued", ev.reason in _REQUEUED_REASONS, ev.reason, ev.message, now, gen)
+    set_condition(st, "QuotaReserved", False, "Pending", ev.message, now, gen)
+    set_condition(st, "Admitted", False, "NoReservation", "The workload has no reservation", now, gen)
+    return {"admission": None, "conditions": st["conditions"]}
 
 
 def finish_patch(wl: WorkloadView, succeeded: bool, message: str, now: datetime) -> dict[str, Any]:
     """Finished=True: Kueue releases the quota at once."""
-    conds = [dict(c) for c in wl.raw_conditions]
+    st: dict[str, Any] = {"conditions": [dict(c) for c in wl.raw_conditions]}
     reason = "Succeeded" if succeeded else "Failed"
-    _set(conds, "Finished", True, reason, message or reason, now, wl.generation)
-    return {"conditions": conds}
+    set_condition(st, "Finished", True, reason, message or reason, now, wl.generation)
+    return {"conditions": st["conditions"]}
 
 
 def eviction_reason(ev: Condition | None) -> str:

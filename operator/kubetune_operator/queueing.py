@@ -18,11 +18,12 @@ import re
 from collections.abc import Mapping
 
 from kubetune_operator import kueue
+from kubetune_operator.counting import record_preemption
 from kubetune_operator.judging import current_pods
 from kubetune_operator.plan_types import Draft, Event, Observed, mark
 from kubetune_operator.pods import ENDED, PodEnd
 from kubetune_operator.status import fmt_time, parse_time
-from kubetune_operator.teardown import fail, live_before
+from kubetune_operator.teardown import live_before
 
 
 def _reason(text: str, fallback: str) -> str:
@@ -103,20 +104,8 @@ def _stop_running_attempt(obs: Observed, ends: Mapping[str, PodEnd], d: Draft) -
         said = f"{ev.reason}: {ev.message}"
     else:
         said = "its Workload was deleted" if wl is None else "its Workload lost its admission"
-    st["preemptions"] = int(st.get("preemptions") or 0) + 1
-    by_reason = dict(st.get("preemptionsByReason") or {})
-    by_reason[reason] = int(by_reason.get(reason, 0)) + 1
-    st["preemptionsByReason"] = by_reason
-    st["lastDisruption"] = {"reason": reason, "time": fmt_time(obs.now), "pod": pods[0].name, "message": said}
-    d.preempted, d.lost = reason, 0  # a graceful stop: the trainer checkpoints on SIGTERM
-    limit = obs.job.spec.run_policy.max_preemptions
-    if limit is not None and st["preemptions"] > limit:
-        fail(
-            obs,
-            d,
-            "TooManyPreemptions",
-            f"{st['preemptions']} preemptions exceed runPolicy.maxPreemptions ({limit})",
-        )
+    # A graceful stop: the trainer checkpoints on SIGTERM, so no step is lost.
+    if not record_preemption(obs, d, reason, pods[0].name, said, lost=0):
         return
     st["attempt"] = attempt + 1
     st["nextAttemptTime"] = fmt_time(obs.now)

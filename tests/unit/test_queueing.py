@@ -145,3 +145,13 @@ def test_workload_names_are_per_job_object_and_valid():
     job = make_job()
     name = kueue.workload_name(job)
     assert name == "finetunejob-demo-u-1" and len(kueue.workload_name(make_job())) <= 253
+
+
+def test_kueue_preemptions_count_against_max_preemptions():
+    job = make_job(maxPreemptions=0)
+    admitted = queue(workload(*ADMITTED, flavor="gpu"))
+    st = run(job, run(job, {}, [], queue=admitted).status, [pod()], queue=admitted).status
+    p = run(job, st, [pod()], queue=queue(workload(*ADMITTED, PREEMPTED, flavor="gpu")))
+    assert p.status["phase"] == "Failed" and p.status["failures"] == 0
+    assert get_condition(p.status, "Failed")["reason"] == "TooManyPreemptions"
+    assert p.status["preemptionsByReason"] == {"KueuePreempted": 1}
