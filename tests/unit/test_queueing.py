@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -143,8 +144,11 @@ def test_an_unknown_priority_class_says_so_and_creates_nothing():
 
 def test_workload_names_are_per_job_object_and_valid():
     job = make_job()
-    name = kueue.workload_name(job)
-    assert name == "finetunejob-demo-u-1" and len(kueue.workload_name(make_job())) <= 253
+    assert kueue.workload_name(job) == "finetunejob-demo-u-1"
+    again = replace(job, ref=replace(job.ref, uid="u-2"))  # the same name re-created: a new Workload
+    assert kueue.workload_name(again) != kueue.workload_name(job)
+    long = replace(job, ref=replace(job.ref, name="x" * 253))
+    assert len(kueue.workload_name(long)) == 253
 
 
 def test_kueue_preemptions_count_against_max_preemptions():
