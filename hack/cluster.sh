@@ -21,6 +21,9 @@
 #   KUBETUNE_EXTRA_ARGS_<C>     extra flags for component C (ETCD, KUBE_APISERVER,
 #                               KUBE_CONTROLLER_MANAGER, KUBE_SCHEDULER, KWOK); a test hook
 #   KUBETUNE_START_TIMEOUT      seconds to wait for each component (default 60)
+#   KUBETUNE_KUEUE_PODS_READY_TIMEOUT, KUBETUNE_KUEUE_REQUEUE_BASE_SECONDS   Kueue's waitForPodsReady
+#                               timeout (default 5m) and requeuing backoff base (default 60); a running
+#                               Kueue with other values is restarted by `kueue up`
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -34,6 +37,10 @@ ETCD_PORT=$BASE ETCD_PEER_PORT=$((BASE + 1)) KCM_PORT=$((BASE + 2)) SCHED_PORT=$
 KWOK_PORT=$((BASE + 4))
 KUEUE_WEBHOOK_PORT=$((BASE + 5)) KUEUE_METRICS_PORT=$((BASE + 6)) KUEUE_HEALTH_PORT=$((BASE + 7))
 START_TIMEOUT=${KUBETUNE_START_TIMEOUT:-60}
+# Kueue's waitForPodsReady: an admitted Workload whose pods are not all Ready within the timeout is
+# evicted and requeued after an exponential backoff from the base.
+KUEUE_PODS_READY_TIMEOUT=${KUBETUNE_KUEUE_PODS_READY_TIMEOUT:-5m}
+KUEUE_REQUEUE_BASE_SECONDS=${KUBETUNE_KUEUE_REQUEUE_BASE_SECONDS:-60}
 SERVICE_CIDR=10.96.0.0/16
 # Stop order; start order is the reverse.
 COMPONENTS=(kwok kube-scheduler kube-controller-manager kube-apiserver etcd)
@@ -283,21 +290,9 @@ kueue_metrics_cert() {
   mv -T "$tmp" "$KUEUE_METRICS_CERTS" 2>/dev/null || rm -rf "$tmp"  # another cluster won the race
 }
 
-kueue_up() {
-  if ours kueue >/dev/null; then log "kueue already running"; return 0; fi
-  [[ -x $BIN/kueue && -f $BIN/kueue-manifests/webhook.yaml ]] ||
-    die "$BIN/kueue is missing: run 'KUBETUNE_BUILD_ONLY=kueue bash hack/build-binaries.sh' (or make setup)"
-  local py=$REPO/.venv/bin/python p k=$DIR/kueue
-  [[ -x $py ]] || die "$py is missing: run make setup"
-  for p in $KUEUE_WEBHOOK_PORT $KUEUE_METRICS_PORT $KUEUE_HEALTH_PORT; do
-    port_busy "$p" && die "kueue cannot start: port 127.0.0.1:$p is in use (set KUBETUNE_PORT_BASE)"
-  done
-  mkdir -p "$k/certs"
-  [[ -f $PKI/kueue.crt ]] || { cert kueue kueue-controller system:masters; kubeconfig kueue "$DIR/kueue.kubeconfig"; }
-  [[ -f $PKI/kueue-webhook.crt ]] || cert kueue-webhook kueue-webhook "" "IP:127.0.0.1,DNS:localhost"
-  cp "$PKI/kueue-webhook.crt" "$k/certs/tls.crt" && cp "$PKI/kueue-webhook.key" "$k/certs/tls.key"
-  kueue_metrics_cert
-  cat >"$k/config.yaml" <<EOF
+kueue_config() {
+  local k=$1
+  cat <<EOF
 apiVersion: config.kueue.x-k8s.io/v1beta2
 kind: Configuration
 namespace: kueue-system
@@ -318,7 +313,35 @@ integrations:
   frameworks: []
   externalFrameworks:
   - FineTuneJob.v1alpha1.kubetune.io
+waitForPodsReady:
+  timeout: $KUEUE_PODS_READY_TIMEOUT
+  requeuingStrategy:
+    backoffBaseSeconds: $KUEUE_REQUEUE_BASE_SECONDS
 EOF
+}
+
+kueue_up() {
+  local k=$DIR/kueue
+  if ours kueue >/dev/null; then
+    if [[ "$(kueue_config "$k")" == "$(cat "$k/config.yaml" 2>/dev/null)" ]]; then
+      log "kueue already running"; return 0
+    fi
+    log "kueue runs with another configuration: restarting it"
+    stop_one kueue
+  fi
+  [[ -x $BIN/kueue && -f $BIN/kueue-manifests/webhook.yaml ]] ||
+    die "$BIN/kueue is missing: run 'KUBETUNE_BUILD_ONLY=kueue bash hack/build-binaries.sh' (or make setup)"
+  local py=$REPO/.venv/bin/python p
+  [[ -x $py ]] || die "$py is missing: run make setup"
+  for p in $KUEUE_WEBHOOK_PORT $KUEUE_METRICS_PORT $KUEUE_HEALTH_PORT; do
+    port_busy "$p" && die "kueue cannot start: port 127.0.0.1:$p is in use (set KUBETUNE_PORT_BASE)"
+  done
+  mkdir -p "$k/certs"
+  [[ -f $PKI/kueue.crt ]] || { cert kueue kueue-controller system:masters; kubeconfig kueue "$DIR/kueue.kubeconfig"; }
+  [[ -f $PKI/kueue-webhook.crt ]] || cert kueue-webhook kueue-webhook "" "IP:127.0.0.1,DNS:localhost"
+  cp "$PKI/kueue-webhook.crt" "$k/certs/tls.crt" && cp "$PKI/kueue-webhook.key" "$k/certs/tls.key"
+  kueue_metrics_cert
+  kueue_config "$k" >"$k/config.yaml"
   "$py" "$HACK/kueue_manifests.py" "$BIN/kueue-manifests/crd" "$BIN/kueue-manifests/webhook.yaml" \
     "https://127.0.0.1:$KUEUE_WEBHOOK_PORT" "$PKI/ca.crt" >"$k/manifests.yaml"
   kc create namespace kueue-system --dry-run=client -o yaml | kc apply -f - >/dev/null

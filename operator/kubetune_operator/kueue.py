@@ -26,6 +26,13 @@ API_VERSION = f"{GROUP}/{VERSION}"
 QUEUE_LABEL = f"{GROUP}/queue-name"
 PRIORITY_LABEL = f"{GROUP}/priority-class"
 POD_SET = "trainer"
+# The PodsReady condition as Kueue's job reconciler writes it (jobframework/reconciler.go,
+# generatePodsReadyCondition): with `waitForPodsReady` on, Kueue evicts a Workload whose pods are not all
+# Ready within its timeout, so a framework that never sets it is evicted on every admission.
+PODS_READY = "PodsReady"
+_NOT_READY = "Not all pods are ready or succeeded"
+_RECOVERING = "At least one pod has failed, waiting for recovery"
+_READY = "All pods reached readiness and the workload is running"
 # Evicted reasons after which Kueue's own integrations set Requeued=True (reconciler.go).
 _REQUEUED_REASONS = ("Preempted", "NodeFailures")
 
@@ -217,7 +224,34 @@ def unadmit_patch(wl: WorkloadView, now: datetime) -> dict[str, Any]:
     set_condition(st, "Requeued", ev.reason in _REQUEUED_REASONS, ev.reason, ev.message, now, gen)
     set_condition(st, "QuotaReserved", False, "Pending", ev.message, now, gen)
     set_condition(st, "Admitted", False, "NoReservation", "The workload has no reservation", now, gen)
+    if PODS_READY in wl.conditions:  # the next admission's timeout counts from its start again
+        set_condition(st, PODS_READY, False, "WaitForStart", _NOT_READY, now, gen)
     return {"admission": None, "conditions": st["conditions"]}
+
+
+def pods_ready(wl: WorkloadView, ready: bool) -> Condition:
+    """The PodsReady condition an admitted Workload should carry, given whether every pod of the running
+    attempt is Ready (or Succeeded): Started/Recovered when they are; WaitForStart before they first were,
+    WaitForRecovery once they had been (Kueue's recoveryTimeout then counts)."""
+    cur = wl.conditions.get(PODS_READY)
+    if ready:
+        recovered = cur is not None and cur.reason in ("WaitForRecovery", "Recovered")
+        return Condition(True, "Recovered" if recovered else "Started", _READY)
+    if cur is not None and (cur.status or cur.reason == "WaitForRecovery"):
+        return Condition(False, "WaitForRecovery", _RECOVERING)
+    return Condition(False, "WaitForStart", _NOT_READY)
+
+
+def pods_ready_patch(wl: WorkloadView, ready: bool, now: datetime) -> dict[str, Any] | None:
+    """The status merge patch that brings PodsReady up to date, or None when it already says so (a
+    missing condition reads as WaitForStart, as Kueue reads it)."""
+    want = pods_ready(wl, ready)
+    cur = wl.conditions.get(PODS_READY) or Condition(False, "WaitForStart", _NOT_READY)
+    if (cur.status, cur.reason) == (want.status, want.reason):
+        return None
+    st: dict[str, Any] = {"conditions": [dict(c) for c in wl.raw_conditions]}
+    set_condition(st, PODS_READY, want.status, want.reason, want.message, now, wl.generation)
+    return {"conditions": st["conditions"]}
 
 
 def finish_patch(wl: WorkloadView, succeeded: bool, message: str, now: datetime) -> dict[str, Any]:

@@ -89,6 +89,7 @@ class PodView:
     attempt: int
     rank: int
     phase: str = "Pending"
+    ready: bool = False  # the pod's Ready condition is True (what Kueue's PodsReady counts)
     status_reason: str | None = None  # pod.status.reason, e.g. Evicted (kubelet node pressure)
     gone: bool = False  # no longer in the API
     deleting_since: datetime | None = None  # metadata.deletionTimestamp
@@ -113,9 +114,12 @@ def pod_view(pod: Mapping[str, Any], gone: bool = False) -> PodView:
     status = pod.get("status") or {}
     labels = meta.get("labels") or {}
     disruption = None
+    ready = False
     for cond in status.get("conditions") or []:
         if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
             disruption = (str(cond.get("reason") or "Disrupted"), str(cond.get("message") or ""))
+        elif cond.get("type") == "Ready":
+            ready = cond.get("status") == "True"
     exit_code = terminated_reason = waiting = None
     waiting_message = ""
     message = None
@@ -146,6 +150,7 @@ def pod_view(pod: Mapping[str, Any], gone: bool = False) -> PodView:
         attempt=_int_label(labels, builders.LABEL_ATTEMPT),
         rank=_int_label(labels, builders.LABEL_RANK),
         phase=status.get("phase") or "Pending",
+        ready=ready,
         status_reason=status.get("reason"),
         gone=gone,
         deleting_since=parse_time(meta.get("deletionTimestamp")),

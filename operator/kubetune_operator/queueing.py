@@ -2,7 +2,8 @@
 
 - No Workload yet: the plan creates it; the job is `Queued` and creates no pods.
 - Admitted (and not evicted): the job goes on as any other; its pods get the admitted flavors'
-  node labels and tolerations, and the wait is reported (`kubetune_queued_seconds`).
+  node labels and tolerations, and the wait is reported (`kubetune_queued_seconds`). The Workload's
+  PodsReady condition follows the attempt's pods, so Kueue's `waitForPodsReady` timeouts work.
 - Evicted (priority preemption, fair sharing, a stopped ClusterQueue, a pods-ready timeout) or the
   Workload gone while pods run: the running attempt is stopped the way `runPolicy.suspend` stops it
   (graceful delete: SIGTERM, final checkpoint, exit 143), counted once in `preemptionsByReason` under
@@ -51,6 +52,7 @@ def hold(obs: Observed, ends: Mapping[str, PodEnd], d: Draft) -> bool:
         if since is not None:
             d.queued_seconds = max(0.0, (now - since).total_seconds())
         st["kueue"] = {**info, "admitted": True}
+        d.workload_patch = kueue.pods_ready_patch(wl, _all_ready(obs, d), now)
         return False
 
     st["kueue"] = {**info, "admitted": False, "queuedSince": prev.get("queuedSince") or fmt_time(now)}
@@ -85,6 +87,16 @@ def hold(obs: Observed, ends: Mapping[str, PodEnd], d: Draft) -> bool:
         msg = f"waiting in LocalQueue {q.local_queue} ({w.reason}): {w.message}"
     mark(d, obs, "Queued", reason, msg)
     return True
+
+
+def _all_ready(obs: Observed, d: Draft) -> bool:
+    """Every rank of the running attempt is Ready or has Succeeded (what Kueue's PodsReady means)."""
+    if d.status.get("nextAttemptTime"):
+        return False  # between attempts: nothing runs
+    pods = current_pods(obs, int(d.status["attempt"]))
+    return all(
+        not p.gone and (p.phase == "Succeeded" or (p.ready and p.deleting_since is None)) for p in pods
+    )
 
 
 def _stop_running_attempt(obs: Observed, ends: Mapping[str, PodEnd], d: Draft) -> None:

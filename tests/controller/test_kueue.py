@@ -9,6 +9,7 @@ fake node with 8 GPUs: a pod without the flavor's placement cannot schedule ther
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,14 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from kubeutil import CLUSTER_SH, dedicated_toleration, kueue_queue_objects, patch_pod_terminated, wait_for
+from kubeutil import (
+    CLUSTER_SH,
+    dedicated_toleration,
+    holds_for,
+    kueue_queue_objects,
+    patch_pod_terminated,
+    wait_for,
+)
 from opkit import OperatorProcess, apply, job_manifest
 
 pytestmark = pytest.mark.cluster
@@ -26,8 +34,23 @@ GROUP, VERSION = "kubetune.io", "v1alpha1"
 KQ = "kueue.x-k8s.io"
 
 
+# Kueue's waitForPodsReady, short enough for a test to see a timeout (`kueue up` restarts a Kueue that
+# runs with other values). kwok pods are Ready within a second of being bound.
+PODS_READY_TIMEOUT_S = 15
+KUEUE_ENV = {
+    "KUBETUNE_KUEUE_PODS_READY_TIMEOUT": f"{PODS_READY_TIMEOUT_S}s",
+    "KUBETUNE_KUEUE_REQUEUE_BASE_SECONDS": "1",
+}
+
+
 def cluster_sh(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(CLUSTER_SH), *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        ["bash", str(CLUSTER_SH), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **KUEUE_ENV},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +58,8 @@ def kueue(kube: Any) -> Iterator[Any]:
     if not kube.local:
         pytest.skip("needs the local cluster (hack/cluster.sh starts Kueue)")
     running = cluster_sh("kueue", "status").returncode == 0
-    if not running:
-        up = cluster_sh("kueue", "up")
-        assert up.returncode == 0, f"hack/cluster.sh kueue up failed:\n{up.stderr}\n{up.stdout}"
+    up = cluster_sh("kueue", "up")
+    assert up.returncode == 0, f"hack/cluster.sh kueue up failed:\n{up.stderr}\n{up.stdout}"
     yield kube
     if not running:
         cluster_sh("kueue", "down")
@@ -98,6 +120,15 @@ def workloads(api: client.ApiClient, ns: str) -> list[dict[str, Any]]:
     return client.CustomObjectsApi(api).list_namespaced_custom_object(KQ, "v1beta2", ns, "workloads")["items"]
 
 
+def pods_ready(api: client.ApiClient, ns: str, job: str) -> tuple[str, str] | None:
+    for w in workloads(api, ns):
+        if w["metadata"]["ownerReferences"][0]["name"] == job:
+            for c in (w.get("status") or {}).get("conditions") or []:
+                if c["type"] == "PodsReady":
+                    return c["status"], c["reason"]
+    return None
+
+
 def phase_is(api: Any, ns: str, name: str, phase: str) -> dict[str, Any] | None:
     st = status(api, ns, name)
     return st if st.get("phase") == phase else None
@@ -128,6 +159,8 @@ def test_kueue_preemption_costs_no_failure_and_the_job_resumes_when_readmitted(
     assert st["kueue"]["admitted"] is True and st["kueue"]["clusterQueue"] == queues["cq"]
     [wl] = workloads(api_client, ns)
     assert wl["spec"]["podSets"][0]["count"] == 1 and wl["spec"]["priority"] == 100
+    # Its pod is Ready, so the Workload says PodsReady (else waitForPodsReady would evict it).
+    wait_for(lambda: pods_ready(api_client, ns, "low") == ("True", "Started"), timeout=30, desc="PodsReady")
 
     apply(kueue, ns, queued_job("high", queues["lq"], queues["high"]))
     st = wait_for(
@@ -208,3 +241,41 @@ def test_a_two_worker_gang_is_admitted_whole_or_not_at_all(
     wait_for(lambda: phase_is(api_client, ns, "waits", "Running"), timeout=60, desc="second gang admitted")
     started = core_v1.list_namespaced_pod(ns, label_selector="kubetune.io/job-name=waits").items
     assert sorted(p.metadata.name for p in started) == ["waits-a1-0", "waits-a1-1"]
+
+
+def test_a_pods_ready_timeout_is_an_eviction_not_a_failure_and_a_ready_job_outlives_it(
+    queues: dict[str, str],
+    operator: OperatorProcess,
+    namespace: str,
+    api_client: Any,
+    core_v1: Any,
+    kueue: Any,
+) -> None:
+    """Kueue runs with waitForPodsReady (15 s here): a job whose pod never gets Ready is evicted by Kueue,
+    stopped, counted KueueEvicted (not a failure) and requeued; a job whose pods are Ready keeps running
+    past the timeout."""
+    ns = namespace
+    apply(kueue, ns, queued_job("ready", queues["lq"], gpus=4))
+    # Admitted, but its pod can never schedule: no node has this label.
+    apply(kueue, ns, queued_job("stuck", queues["lq"], gpus=4, nodeSelector={"kubetune.io/none": "x"}))
+    wait_for(lambda: running_pod(core_v1, ns, "ready", 1), timeout=60, desc="ready runs")
+    st = wait_for(
+        lambda: (s := status(api_client, ns, "stuck")).get("preemptionsByReason") and s,
+        timeout=PODS_READY_TIMEOUT_S + 45,
+        desc="stuck evicted by Kueue's PodsReady timeout",
+    )
+    assert st["preemptionsByReason"] == {"KueueEvicted": 1} and st["failures"] == 0, st
+    assert st["phase"] == "Queued" and "Exceeded the PodsReady timeout" in st["message"], st["message"]
+    wait_for(
+        lambda: not core_v1.list_namespaced_pod(ns, label_selector="kubetune.io/job-name=stuck,kubetune.io/attempt=1").items,
+        timeout=60, desc="stuck's attempt 1 pod deleted",
+    )  # fmt: skip
+
+    # Both were admitted together, so the ready job is past the timeout too: its Workload said PodsReady
+    # in time, and it was never evicted.
+    def untouched() -> bool:
+        st = status(api_client, ns, "ready")
+        return st["phase"] == "Running" and not st.get("preemptionsByReason")
+
+    holds_for(untouched, 3, desc="the ready job runs on")
+    assert pods_ready(api_client, ns, "ready") == ("True", "Started")

@@ -159,3 +159,56 @@ def test_kueue_preemptions_count_against_max_preemptions():
     assert p.status["phase"] == "Failed" and p.status["failures"] == 0
     assert get_condition(p.status, "Failed")["reason"] == "TooManyPreemptions"
     assert p.status["preemptionsByReason"] == {"KueuePreempted": 1}
+
+
+def _pods_ready(patch) -> tuple[str, str] | None:
+    if patch is None:
+        return None
+    c = next(c for c in patch["conditions"] if c["type"] == "PodsReady")
+    return c["status"], c["reason"]
+
+
+def test_pods_ready_follows_the_attempt_so_waitforpodsready_does_not_evict_a_running_job():
+    """Kueue's waitForPodsReady evicts an admitted Workload whose PodsReady is not True in time: the
+    condition is set as Kueue's own job reconciler sets it (Started, WaitForRecovery, Recovered)."""
+    job = make_job(workers=2)
+    admitted = queue(workload(*ADMITTED, flavor="gpu"))
+    p1 = run(job, {}, [], queue=admitted)
+    assert p1.workload_patch is None  # no pod yet: a missing condition already reads as WaitForStart
+    half = [pod(rank=0, ready=True), pod(rank=1, phase="Pending")]
+    p2 = run(job, p1.status, half, queue=admitted)
+    assert p2.workload_patch is None  # one of two ranks is not Ready: still WaitForStart
+    both = [pod(rank=0, ready=True), pod(rank=1, ready=True)]
+    p3 = run(job, p2.status, both, queue=admitted)
+    assert _pods_ready(p3.workload_patch) == ("True", "Started")
+    started = queue(workload(*ADMITTED, ("PodsReady", True, "Started", ""), flavor="gpu"))
+    assert run(job, p3.status, both, queue=started).workload_patch is None  # already says so
+    # A rank is lost (e.g. its node): while the gang restarts, Kueue's recoveryTimeout counts.
+    lost = [pod(rank=0, ready=True), pod(rank=1, gone=True)]
+    p4 = run(job, p3.status, lost, queue=started)
+    assert p4.status["phase"] == "Restarting"
+    assert _pods_ready(p4.workload_patch) == ("False", "WaitForRecovery")
+    recovering = queue(workload(*ADMITTED, ("PodsReady", False, "WaitForRecovery", ""), flavor="gpu"))
+    old = [pod(rank=0, gone=True), pod(rank=1, gone=True)]
+    p5 = run(job, p4.status, old, queue=recovering)  # the gang has stopped: attempt 2 is created
+    assert pods_created(p5) == ["demo-a2-0", "demo-a2-1"] and p5.workload_patch is None
+    again = [pod(attempt=2, rank=0, ready=True), pod(attempt=2, rank=1, ready=True)]
+    p6 = run(job, p5.status, [*old, *again], queue=recovering)
+    assert _pods_ready(p6.workload_patch) == ("True", "Recovered")
+
+
+def test_a_pods_ready_timeout_eviction_stops_the_job_and_resets_pods_ready():
+    job = make_job()
+    admitted = queue(workload(*ADMITTED, flavor="gpu"))
+    st = run(job, run(job, {}, [], queue=admitted).status, [pod(phase="Pending")], queue=admitted).status
+    timeout = ("Evicted", True, "PodsReadyTimeout", "Exceeded the PodsReady timeout ns/wl")
+    evicted = queue(workload(*ADMITTED, ("PodsReady", False, "WaitForStart", ""), timeout, flavor="gpu"))
+    p = run(job, st, [pod(phase="Pending")], queue=evicted)
+    assert p.delete_pods == ("demo-a1-0",) and p.status["phase"] == "Queued"
+    assert p.status["preemptionsByReason"] == {"KueueEvicted": 1} and p.status["failures"] == 0
+    assert "Exceeded the PodsReady timeout" in p.status["message"]
+    gone = pod(phase="Failed", exit_code=143, deleting_since=T0)
+    patch = run(job, p.status, [gone], queue=evicted).workload_patch
+    conds = {c["type"]: (c["status"], c["reason"]) for c in patch["conditions"]}
+    assert conds["PodsReady"] == ("False", "WaitForStart")  # the next admission's timeout starts afresh
+    assert conds["Requeued"] == ("False", "PodsReadyTimeout")  # Kueue's backoff then requeues it
