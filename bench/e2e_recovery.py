@@ -7,6 +7,8 @@ attempt's pod object), `pod_start_s` (pod object to container running: schedulin
 container start), `checkpoint_load_to_first_step_s` (container running to the first step past the
 resumed one: Python/torch import, data, checkpoint load, one step), their sum `disruption_to_first_step_s`,
 and `sigterm_to_exit_s` (disruption to the trainer's exit: the SIGTERM checkpoint) against the grace period.
+Then a Kueue priority preemption of a queued job through the real Kueue (`kueue_*`: eviction to the
+checkpoint durable, to Queued, to the exit; re-admission to the next pod and to the first training step).
 Needs root and the real-node packages; starts and stops its own cluster (see docs/real-node.md).
 """
 
@@ -56,6 +58,33 @@ def run() -> dict[str, Any]:
             lost_steps=st.get("lostSteps", 0),
             images_log=images_log.splitlines(),
         )
+        out.update(_kueue(sc, env))
         return out
     finally:
         cluster.down()
+
+
+def _kueue(sc: Any, env: Any) -> dict[str, Any]:
+    """A Kueue priority preemption of a labelled job (the real Kueue): eviction to the SIGTERM checkpoint
+    being durable, to the job Queued and to the trainer's exit; the preemptor's success to re-admission is
+    Kueue's; re-admission to the next attempt's pod and to its first training step."""
+    low, high = "bench-kq-low", "bench-kq-high"
+    sc.kueue_up(env)
+    try:
+        ckpt = sc.create_job(env, low, 160, EVERY, GRACE, labels=sc.queue_labels(sc.KUEUE_LOW))
+        kp = sc.kueue_preempt(env, low, ckpt, high, EVERY + 5, log=lambda _m: None)
+        st = sc.wait_done(env, low)
+        s = kp.summary()
+        out: dict[str, Any] = {"kueue_preemption": s}
+        for key, value in s.items():
+            if key.endswith("_s"):
+                out[f"kueue_{key}"] = value
+        out.update(
+            kueue_phase=st.get("phase"),
+            kueue_preemptions_by_reason=st.get("preemptionsByReason"),
+            kueue_failures=st.get("failures", 0),
+            kueue_lost_steps=st.get("lostSteps", 0),
+        )
+        return out
+    finally:
+        sc.kueue_down(env, low, high)

@@ -151,9 +151,10 @@ class Env:
 # ---------------------------------------------------------------- setup
 
 
-def install_operator(env: Env) -> None:
+def install_operator(env: Env, kueue: bool = False) -> None:
     """helm install the chart; the operator runs as a real pod on the real node, from the built image.
-    If the release does not become ready, the error carries what the cluster says about why."""
+    If the release does not become ready, the error carries what the cluster says about why. `kueue`
+    sets the chart's kueue.enabled (an upgrade back without it turns it off again)."""
     try:
         env.cluster.sh(
             str(BIN / "helm"), "upgrade", "--install", RELEASE, str(REPO / "charts" / "kubetune"),
@@ -163,6 +164,7 @@ def install_operator(env: Env) -> None:
             "--set", f"trainer.image.repository={TRAINER_IMAGE}", "--set", f"trainer.image.tag={IMAGE_TAG}",
             "--set", "operator.scrapeIntervalSeconds=2",
             "--set-string", "nodeSelector.kubetune\\.io/node-kind=real",
+            "--set", f"kueue.enabled={str(kueue).lower()}",
             timeout=400,
         )  # fmt: skip
     except RuntimeError as exc:
@@ -326,11 +328,19 @@ def job_spec(steps: int, every: int, grace: int, cpu: str) -> dict[str, Any]:
 
 
 def create_job(
-    env: Env, name: str, steps: int, every: int, grace: int = 30, cpu: str = "1", tensorboard: bool = False
+    env: Env,
+    name: str,
+    steps: int,
+    every: int,
+    grace: int = 30,
+    cpu: str = "1",
+    tensorboard: bool = False,
+    labels: dict[str, str] | None = None,
 ) -> Path:
     """Create the job with its own checkpoint claim (a hostPath PV we can read); returns that host dir.
     A job of that name from an earlier run is deleted first, with its pods. `tensorboard` asks the
-    operator to serve the job's board (spec.tensorboard.serve)."""
+    operator to serve the job's board (spec.tensorboard.serve); `labels` go on the FineTuneJob (Kueue's
+    queue-name and priority-class)."""
     try:
         env.custom.delete_namespaced_custom_object(GROUP, VERSION, env.namespace, PLURAL, name)
     except client.ApiException as exc:
@@ -351,7 +361,7 @@ def create_job(
         {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "FineTuneJob",
-            "metadata": {"name": name, "namespace": env.namespace},
+            "metadata": {"name": name, "namespace": env.namespace, "labels": dict(labels or {})},
             "spec": spec,
         },
     )
@@ -791,3 +801,150 @@ def check_tensorboard(env: Env, job: str, out: Path) -> dict[str, Any]:
         steps = tensorboard_scalar_steps(port)
         screenshot(f"http://127.0.0.1:{port}/?darkMode=false#scalars", out)
     return {"pod": pod.metadata.name, "steps": steps, "png": str(out), "curve_pixels": curve_pixels(out)}
+
+
+# --- Kueue on the real node: a priority preemption through the real Kueue (hack/cluster.sh kueue up) ---
+KQ = "kueue.x-k8s.io"
+KUEUE_QUEUE, KUEUE_LOW, KUEUE_HIGH = "e2e", "kubetune-e2e-low", "kubetune-e2e-high"
+
+
+def kueue_up(env: Env) -> None:
+    """Start Kueue on the scenario's cluster, turn the chart's kueue.enabled on, and make a ClusterQueue
+    with room for one 1-CPU trainer (priority preemption inside it), its LocalQueue, a flavor that leads
+    to the real node, and two WorkloadPriorityClasses."""
+    env.cluster.sh("bash", "hack/cluster.sh", "kueue", "up", timeout=300)
+    install_operator(env, kueue=True)
+    cq = "kubetune-e2e"
+    apply(
+        env,
+        {"apiVersion": f"{KQ}/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": "real-node"},
+         "spec": {"nodeLabels": {"kubetune.io/node-kind": "real"}}},
+        {"apiVersion": f"{KQ}/v1beta2", "kind": "ClusterQueue", "metadata": {"name": cq},
+         "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": env.namespace}},
+                  "preemption": {"withinClusterQueue": "LowerPriority"},
+                  "resourceGroups": [{"coveredResources": ["cpu", "memory"], "flavors": [
+                      {"name": "real-node", "resources": [{"name": "cpu", "nominalQuota": "1"},
+                                                          {"name": "memory", "nominalQuota": "4Gi"}]}]}]}},
+        {"apiVersion": f"{KQ}/v1beta2", "kind": "LocalQueue",
+         "metadata": {"name": KUEUE_QUEUE, "namespace": env.namespace}, "spec": {"clusterQueue": cq}},
+        {"apiVersion": f"{KQ}/v1beta2", "kind": "WorkloadPriorityClass", "metadata": {"name": KUEUE_LOW},
+         "value": 100},
+        {"apiVersion": f"{KQ}/v1beta2", "kind": "WorkloadPriorityClass", "metadata": {"name": KUEUE_HIGH},
+         "value": 1000},
+    )  # fmt: skip
+
+
+def kueue_down(env: Env, *jobs: str) -> None:
+    """Delete `jobs` (their Workloads go with them), turn kueue.enabled off and stop Kueue (its CRDs go)."""
+    for job in jobs:
+        with contextlib.suppress(client.ApiException):
+            env.custom.delete_namespaced_custom_object(GROUP, VERSION, env.namespace, PLURAL, job)
+    wait_for(lambda: not any(trainer_pods(env, j) for j in jobs), 120, desc="the Kueue jobs' pods to go")
+    install_operator(env, kueue=False)
+    env.cluster.sh("bash", "hack/cluster.sh", "kueue", "down", timeout=300, check=False)
+
+
+def queue_labels(priority: str) -> dict[str, str]:
+    return {f"{KQ}/queue-name": KUEUE_QUEUE, f"{KQ}/priority-class": priority}
+
+
+def workload_of(env: Env, job: str) -> dict[str, Any] | None:
+    items = env.custom.list_namespaced_custom_object(KQ, "v1beta2", env.namespace, "workloads")["items"]
+    for wl in items:
+        if any(o.get("name") == job for o in wl["metadata"].get("ownerReferences") or []):
+            return dict(wl)
+    return None
+
+
+def condition(wl: dict[str, Any] | None, kind: str) -> bool:
+    conds = ((wl or {}).get("status") or {}).get("conditions") or []
+    return any(c["type"] == kind and c["status"] == "True" for c in conds)
+
+
+def latest_checkpoint(ckpt: Path) -> dict[str, Any] | None:
+    """The newest durable checkpoint's manifest (step-N.json is written last, after the fsync'd rename):
+    its `step` and `time` (when the trainer finished writing it)."""
+    for m in sorted((ckpt / "checkpoints").glob("step-*.json"), reverse=True):
+        with contextlib.suppress(OSError, ValueError):
+            doc: dict[str, Any] = json.loads(m.read_text())
+            return doc
+    return None
+
+
+@dataclass
+class KueuePreemption:
+    """When each stage of a Kueue preemption happened (time.time(); seen by 0.05 s polling on the host,
+    except `stopped_at`, the container's finishedAt (whole seconds), and `durable_at`, the checkpoint
+    manifest's time). Pod creation times are whole seconds too, so no figure is taken from them."""
+
+    pod: str
+    preemptor_created_at: float
+    step_at_preemption: int | None
+    evicted_at: float | None = None  # the low job's Workload is Evicted (Kueue chose it)
+    durable_at: float | None = None  # the SIGTERM checkpoint is on the volume
+    durable_step: int | None = None
+    stopped_at: float | None = None
+    exit_code: int | None = None
+    queued_at: float | None = None  # the job says Queued
+    readmitted_at: float | None = None  # its Workload is Admitted again (the preemptor finished)
+    recovery: Disruption | None = None  # the next attempt's pod, start and first step
+
+    def summary(self) -> dict[str, Any]:
+        def d(a: float | None, b: float | None) -> float | None:
+            return round(b - a, 2) if a is not None and b is not None else None
+
+        r = self.recovery
+        return {
+            "pod": self.pod,
+            "exit_code": self.exit_code,
+            "step_at_preemption": self.step_at_preemption,
+            "checkpoint_step": self.durable_step,
+            "resumed_from": r.resumed_from if r else None,
+            "preemptor_to_eviction_s": d(self.preemptor_created_at, self.evicted_at),
+            "eviction_to_checkpoint_durable_s": d(self.evicted_at, self.durable_at),
+            "eviction_to_queued_s": d(self.evicted_at, self.queued_at),
+            "eviction_to_exit_s": d(self.evicted_at, self.stopped_at),
+            "readmitted_to_first_step_s": d(self.readmitted_at, r.next_first_step_at if r else None),
+        }
+
+
+def kueue_preempt(
+    env: Env, low: str, low_ckpt: Path, high: str, min_progress: int, log: Callable[[str], None]
+) -> KueuePreemption:
+    """Once `low` (admitted, training) made `min_progress` steps, create `high`, a short job of a higher
+    WorkloadPriorityClass that needs the same quota: Kueue evicts `low`. Follow `low` through its graceful
+    stop, back to Queued, to its re-admission once `high` succeeded, and to its next attempt's first step."""
+    pod = wait_for(lambda: running_trainer(env, low), 300, desc=f"a running trainer of {low}")
+    first = wait_for(lambda: trainer_step(pod), 300, desc="the trainer's metrics")
+    wait_for(lambda: (trainer_step(pod) or 0) >= first + min_progress, 300, desc=f"{min_progress} steps")
+    attempt = int(pod.metadata.labels.get(LABEL_ATTEMPT, "0"))
+    step = trainer_step(pod)
+    create_job(env, high, 30, 10, labels=queue_labels(KUEUE_HIGH))
+    kp = KueuePreemption(pod.metadata.name, time.time(), step)
+    log(f"kueue: {high} ({KUEUE_HIGH}) created while {pod.metadata.name} is at step {step}")
+    deadline = time.monotonic() + 300
+    while None in (kp.evicted_at, kp.durable_at, kp.queued_at, kp.stopped_at):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Kueue preemption of {low} did not complete: {kp}")
+        now = time.time()
+        if kp.evicted_at is None and condition(workload_of(env, low), "Evicted"):
+            kp.evicted_at = now
+        if kp.queued_at is None and env.status(low).get("phase") == "Queued":
+            kp.queued_at = now
+        if kp.pod in env.terminations.seen:
+            kp.exit_code, kp.stopped_at = env.terminations.seen[kp.pod]
+            m = latest_checkpoint(low_ckpt)  # the trainer has exited: its last checkpoint is the SIGTERM one
+            if m is not None:
+                kp.durable_at, kp.durable_step = float(m["time"]), int(m["step"])
+        time.sleep(0.05)
+    log(f"  -> evicted, checkpoint at step {kp.durable_step}, exit {kp.exit_code}, Queued")
+    kp.recovery = Disruption("kueue-preemption", kp.pod, attempt, kp.evicted_at or 0.0, step)
+
+    def readmitted() -> bool:
+        wl = workload_of(env, low)
+        return condition(wl, "Admitted") and not condition(wl, "Evicted")
+
+    kp.readmitted_at = wait_for(lambda: readmitted() and time.time(), 600, interval=0.05, desc="re-admission")
+    follow_recovery(env, low, kp.recovery)
+    log(f"  -> re-admitted; {kp.recovery.next_pod} resumed at step {kp.recovery.resumed_from}")
+    return kp
