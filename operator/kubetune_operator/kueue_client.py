@@ -34,6 +34,9 @@ class KueueClient:
             else [f"{base}/workloads"]
         )
         self.informers = [Informer(kube, p, self.event, label_selector=builders.LABEL_JOB) for p in paths]
+        # The flavors, watched: a ResourceFlavor changed while the operator runs applies to the next
+        # attempt's pods (a GET covers one not in the store yet).
+        self.informers.append(Informer(kube, f"{base}/resourceflavors", self.flavor_event))
 
     async def probe(self) -> bool:
         """Whether Kueue's Workload API is served; said once in the log either way."""
@@ -80,6 +83,13 @@ class KueueClient:
         else:
             self.workloads[key] = copy.deepcopy(dict(body))
         self.wake(key)
+
+    def flavor_event(self, event_type: str, body: Mapping[str, Any]) -> None:
+        name = str((body.get("metadata") or {}).get("name") or "")
+        if event_type == "DELETED":
+            self.flavors.pop(name, None)
+        else:
+            self.flavors[name] = kueue.flavor(body)
 
     async def view(self, key: JobKey, job: FineTuneJob, body: Mapping[str, Any]) -> kueue.QueueView | None:
         """The queue side of one job: None when it is not queued (no label, or Kueue off)."""

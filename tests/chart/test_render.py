@@ -445,15 +445,15 @@ KUEUE_NAMESPACED = [
     {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads/status"], "verbs": ["patch"]},
 ]
 KUEUE_CLUSTER = [
-    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloadpriorityclasses", "resourceflavors"],
-     "verbs": ["get"]},
+    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloadpriorityclasses"], "verbs": ["get"]},
+    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["resourceflavors"], "verbs": ["get", "list", "watch"]},
 ]  # fmt: skip
 
 
 def test_kueue_adds_only_the_workload_calls(helm: Helm, tmp_path: Path) -> None:
     """kueue.enabled adds exactly what kueue_client.py calls: Workloads get (a lagging watch), list and
-    watch (its informer), create; workloads/status patch (eviction hand-back, Finished); a GET of a
-    WorkloadPriorityClass and of a ResourceFlavor. Off (the default): no Kueue rule, --kueue=off."""
+    watch (its informer), create; workloads/status patch (eviction hand-back, PodsReady, Finished); a GET
+    of a WorkloadPriorityClass; ResourceFlavors get (before the watch synced), list and watch. Off (the default): no Kueue rule, --kueue=off."""
     off = helm.template({})
     assert "--kueue=off" in container(off)["args"]
     assert not [

@@ -178,9 +178,21 @@ def test_kueue_preemption_costs_no_failure_and_the_job_resumes_when_readmitted(
     )
     assert any("Kueue took the job's quota" in e["message"] for e in json.loads(events.stdout)["items"])
 
+    # The flavor changes while the operator runs (a new node label, which the node has too): the next
+    # attempt's pods carry it (the operator watches ResourceFlavors).
+    core_v1.patch_node(queues["node"], {"metadata": {"labels": {"kubetune.io/rev": "2"}}})
+    kueue.kubectl(
+        "patch", f"resourceflavor.{KQ}", queues["flavor"], "--type=merge",
+        "-p", json.dumps({"spec": {"nodeLabels": {"kubetune.io/pool": ns, "kubetune.io/rev": "2"}}}),
+    )  # fmt: skip
     patch_pod_terminated(core_v1, ns, "high-a1-0", 0, "Completed")
     wait_for(lambda: phase_is(api_client, ns, "high", "Succeeded"), timeout=60, desc="high Succeeded")
-    wait_for(lambda: running_pod(core_v1, ns, "low", 2), timeout=60, desc="low re-admitted: attempt 2 runs")
+    pod2 = wait_for(
+        lambda: running_pod(core_v1, ns, "low", 2), timeout=60, desc="low re-admitted: attempt 2 runs"
+    )
+    assert pod2.spec.node_selector == {"kubetune.io/pool": ns, "kubetune.io/rev": "2"}, (
+        pod2.spec.node_selector
+    )
     high_wl = next(
         w for w in workloads(api_client, ns) if w["metadata"]["ownerReferences"][0]["name"] == "high"
     )
