@@ -265,7 +265,9 @@ class Controller:
         if not wrote:
             return 0.5  # someone wrote first: re-plan from the newer object
         await self._apply(key, body, job, plan, created)
-        if not await self.kueue.apply(key, job, plan.workload_create, plan.workload_patch):
+        if not await self.kueue.apply(
+            key, job, plan.workload_create, plan.workload_patch, plan.workload_active
+        ):
             return 0.5
         if plan.queued_seconds is not None and created:
             self.metrics.queued.observe(plan.queued_seconds)

@@ -88,6 +88,7 @@ class WorkloadView:
     cluster_queue: str | None
     flavors: tuple[str, ...]  # the admitted pod set's flavor names (every resource's)
     owner_uid: str | None
+    active: bool = True  # spec.active: False deactivates it (Kueue evicts it and admits it no more)
 
     def has(self, kind: str) -> bool:
         c = self.conditions.get(kind)
@@ -143,6 +144,7 @@ def workload_view(body: Mapping[str, Any]) -> WorkloadView:
         cluster_queue=str(admission["clusterQueue"]) if admission.get("clusterQueue") else None,
         flavors=tuple(flavors),
         owner_uid=owner.get("uid") if owner else None,
+        active=(body.get("spec") or {}).get("active", True) is not False,
     )
 
 

@@ -137,17 +137,30 @@ class KueueClient:
         )
 
     async def apply(
-        self, key: JobKey, job: FineTuneJob, create: Mapping[str, Any] | None, patch: Mapping[str, Any] | None
+        self,
+        key: JobKey,
+        job: FineTuneJob,
+        create: Mapping[str, Any] | None,
+        patch: Mapping[str, Any] | None,
+        active: bool | None = None,
     ) -> bool:
         """The plan's Workload writes; False when a write lost a race (re-plan)."""
         if create is not None:
             await self.kube.create(create)
+        path = (
+            f"/apis/{kueue.API_VERSION}/namespaces/{job.ref.namespace}/workloads/{kueue.workload_name(job)}"
+        )
+        if active is not None and not await self._patch(key, path, {"spec": {"active": active}}):
+            return False
         if patch is None:
             return True
+        return await self._patch(key, f"{path}/status", {"status": dict(patch)})
+
+    async def _patch(self, key: JobKey, path: str, doc: Mapping[str, Any]) -> bool:
+        """A merge patch guarded by the resourceVersion the plan was made from."""
         raw = self.workloads.get(key) or {}
         meta = raw.get("metadata") or {}
-        body = {"metadata": {"resourceVersion": meta.get("resourceVersion")}, "status": dict(patch)}
-        path = f"/apis/{kueue.API_VERSION}/namespaces/{job.ref.namespace}/workloads/{kueue.workload_name(job)}/status"
+        body = {"metadata": {"resourceVersion": meta.get("resourceVersion")}, **doc}
         try:
             updated = await self.kube.request(
                 "PATCH", path, body, content_type="application/merge-patch+json"

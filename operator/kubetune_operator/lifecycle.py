@@ -133,6 +133,7 @@ def _plan_training(obs: Observed, settings: Settings, d: Draft) -> None:
 
     if job.spec.run_policy.suspend:
         _suspend(obs, ends, d)
+        queueing.suspend(obs, ends, d)
         return
     if st.get("phase") == "Suspended":
         mark(d, obs, "Pending", "Resumed", f"resuming: attempt {attempt} will continue from the checkpoint")

@@ -111,6 +111,7 @@ class Plan:
     started_attempt: int | None = None
     workload_create: dict[str, Any] | None = None  # the Kueue Workload to create if absent
     workload_patch: dict[str, Any] | None = None  # a merge patch of the Workload's status
+    workload_active: bool | None = None  # set the Workload's spec.active (False: runPolicy.suspend)
     queued_seconds: float | None = None  # metric: the wait in the LocalQueue that admission ended
 
 
@@ -131,6 +132,7 @@ class Draft:
     delete_job: bool = False
     workload_create: dict[str, Any] | None = None
     workload_patch: dict[str, Any] | None = None
+    workload_active: bool | None = None
     queued_seconds: float | None = None
     # The admitted flavors' node labels and tolerations, for the pods this plan creates.
     placement: tuple[dict[str, str], list[dict[str, Any]]] | None = None
@@ -152,6 +154,7 @@ class Draft:
             started_attempt=self.started,
             workload_create=self.workload_create,
             workload_patch=self.workload_patch,
+            workload_active=self.workload_active,
             queued_seconds=self.queued_seconds,
         )
 

@@ -10,6 +10,9 @@
   `KueuePreempted` or `KueueEvicted`, never as a failure; the next attempt is due as soon as Kueue
   admits the job again. Once no pod of the stopped attempt runs, the admission is cleared so Kueue can
   hand the quota on (as Kueue's own job reconciler does).
+- Suspended (`runPolicy.suspend`): the Workload is deactivated (`spec.active: false`, how Kueue's own
+  integrations stop a workload on purpose): Kueue evicts it, and once the pods have checkpointed and
+  stopped the quota is handed back. Nothing is counted. Unsuspended, it is activated and queues again.
 - A finished job marks its Workload Finished, which releases the quota at once.
 """
 
@@ -56,6 +59,8 @@ def hold(obs: Observed, ends: Mapping[str, PodEnd], d: Draft) -> bool:
         return False
 
     st["kueue"] = {**info, "admitted": False, "queuedSince": prev.get("queuedSince") or fmt_time(now)}
+    if wl is not None and not wl.active:
+        d.workload_active = True  # unsuspended: queue again
     if q.error:
         mark(d, obs, "Queued", "QueueConfigError", f"cannot queue in LocalQueue {q.local_queue}: {q.error}")
         return True
@@ -132,6 +137,20 @@ def _stop_running_attempt(obs: Observed, ends: Mapping[str, PodEnd], d: Draft) -
             "resumes from the checkpoint when Kueue admits the job again",
         )
     )
+
+
+def suspend(obs: Observed, ends: Mapping[str, PodEnd], d: Draft) -> None:
+    """A suspended job gives its quota back: its Workload is deactivated, and once Kueue evicted it and
+    no pod of the job runs, its admission is cleared (the suspension itself stopped the pods)."""
+    wl = obs.queue.workload if obs.queue else None
+    if wl is None:
+        return
+    if wl.active:
+        d.workload_active = False
+    attempt = int(d.status["attempt"])
+    if wl.evicted is not None and wl.quota_reserved and not live_before(obs, ends, attempt):
+        d.workload_patch = kueue.unadmit_patch(wl, obs.now)
+    d.status["kueue"] = {**(d.status.get("kueue") or {}), "admitted": False}
 
 
 def finish(obs: Observed, d: Draft) -> None:

@@ -440,7 +440,7 @@ KUEUE_NAMESPACED = [
     {
         "apiGroups": ["kueue.x-k8s.io"],
         "resources": ["workloads"],
-        "verbs": ["get", "list", "watch", "create"],
+        "verbs": ["get", "list", "watch", "create", "patch"],
     },
     {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads/status"], "verbs": ["patch"]},
 ]
@@ -452,7 +452,7 @@ KUEUE_CLUSTER = [
 
 def test_kueue_adds_only_the_workload_calls(helm: Helm, tmp_path: Path) -> None:
     """kueue.enabled adds exactly what kueue_client.py calls: Workloads get (a lagging watch), list and
-    watch (its informer), create; workloads/status patch (eviction hand-back, PodsReady, Finished); a GET
+    watch (its informer), create, patch (spec.active: runPolicy.suspend); workloads/status patch (eviction hand-back, PodsReady, Finished); a GET
     of a WorkloadPriorityClass; ResourceFlavors get (before the watch synced), list and watch. Off (the default): no Kueue rule, --kueue=off."""
     off = helm.template({})
     assert "--kueue=off" in container(off)["args"]

@@ -291,3 +291,40 @@ def test_a_pods_ready_timeout_is_an_eviction_not_a_failure_and_a_ready_job_outli
 
     holds_for(untouched, 3, desc="the ready job runs on")
     assert pods_ready(api_client, ns, "ready") == ("True", "Started")
+
+
+def test_suspending_a_queued_job_hands_its_quota_on_and_unsuspending_queues_it_again(
+    queues: dict[str, str],
+    operator: OperatorProcess,
+    namespace: str,
+    api_client: Any,
+    core_v1: Any,
+    kueue: Any,
+) -> None:
+    ns = namespace
+    custom = client.CustomObjectsApi(api_client)
+
+    def suspend(name: str, value: bool) -> None:
+        body = {"spec": {"runPolicy": {"suspend": value}}}
+        custom.patch_namespaced_custom_object(GROUP, VERSION, ns, "finetunejobs", name, body)
+
+    def active(name: str) -> bool:
+        [wl] = [w for w in workloads(api_client, ns) if w["metadata"]["ownerReferences"][0]["name"] == name]
+        return wl["spec"].get("active", True) is not False
+
+    apply(kueue, ns, queued_job("first", queues["lq"]))
+    wait_for(lambda: running_pod(core_v1, ns, "first", 1), timeout=60, desc="first runs")
+    apply(kueue, ns, queued_job("next", queues["lq"]))
+    wait_for(lambda: phase_is(api_client, ns, "next", "Queued"), timeout=30, desc="next waits for the quota")
+    suspend("first", True)
+    st = wait_for(lambda: phase_is(api_client, ns, "first", "Suspended"), timeout=30, desc="first Suspended")
+    assert not active("first")  # deactivated: Kueue evicts it and admits it no more
+    # Its pod checkpointed and stopped (kwok ends it as the kubelet would), then the quota went on.
+    wait_for(lambda: running_pod(core_v1, ns, "next", 1), timeout=60, desc="next admitted with first's quota")
+    suspend("first", False)
+    wait_for(lambda: active("first"), timeout=30, desc="first's Workload active again")
+    st = wait_for(lambda: phase_is(api_client, ns, "first", "Queued"), timeout=30, desc="first queued again")
+    patch_pod_terminated(core_v1, ns, "next-a1-0", 0, "Completed")
+    wait_for(lambda: running_pod(core_v1, ns, "first", 2), timeout=60, desc="first re-admitted: attempt 2")
+    st = status(api_client, ns, "first")
+    assert st["preemptions"] == 0 and st["failures"] == 0 and not st["preemptionsByReason"], st

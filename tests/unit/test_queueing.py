@@ -212,3 +212,31 @@ def test_a_pods_ready_timeout_eviction_stops_the_job_and_resets_pods_ready():
     conds = {c["type"]: (c["status"], c["reason"]) for c in patch["conditions"]}
     assert conds["PodsReady"] == ("False", "WaitForStart")  # the next admission's timeout starts afresh
     assert conds["Requeued"] == ("False", "PodsReadyTimeout")  # Kueue's backoff then requeues it
+
+
+def test_a_suspended_job_deactivates_its_workload_and_hands_the_quota_back_without_counting():
+    job = make_job()
+    admitted = queue(workload(*ADMITTED, flavor="gpu"))
+    st = run(job, run(job, {}, [], queue=admitted).status, [pod()], queue=admitted).status
+    held = replace(job, spec=replace(job.spec, run_policy=replace(job.spec.run_policy, suspend=True)))
+    p = run(held, st, [pod()], queue=admitted)
+    assert p.delete_pods == ("demo-a1-0",) and p.status["phase"] == "Suspended"
+    assert p.workload_active is False  # Kueue evicts a deactivated Workload and admits it no more
+    assert p.workload_patch is None  # the quota stays until the pod has stopped
+    deactivated = ("Evicted", True, "Deactivated", "The workload is deactivated")
+    inactive = replace(workload(*ADMITTED, deactivated, flavor="gpu"), active=False)
+    gone = pod(phase="Failed", exit_code=143, deleting_since=T0)
+    p2 = run(held, p.status, [gone], queue=queue(inactive))
+    assert p2.workload_active is None  # already inactive
+    conds = {c["type"]: (c["status"], c["reason"]) for c in p2.workload_patch["conditions"]}
+    assert conds["QuotaReserved"] == ("False", "Pending") and conds["Requeued"] == ("False", "Deactivated")
+    assert (
+        p2.status["preemptions"] == 0 and p2.status["failures"] == 0 and not p2.status["preemptionsByReason"]
+    )
+    # Unsuspended: the Workload is activated and the job queues again; nothing is counted.
+    unadmitted = replace(workload(deactivated), active=False)
+    p3 = run(job, p2.status, [gone], queue=queue(unadmitted))
+    assert p3.workload_active is True and p3.status["phase"] == "Queued" and pods_created(p3) == []
+    assert p3.status["preemptions"] == 0
+    p4 = run(job, p3.status, [gone], queue=admitted)
+    assert pods_created(p4) == ["demo-a2-0"] and p4.status["preemptions"] == 0
