@@ -72,6 +72,30 @@ def flavor(body: Mapping[str, Any]) -> Flavor:
 
 
 @dataclass(frozen=True)
+class PodSetUpdate:
+    """What an admission check asks for on the pods (status.admissionChecks[].podSetUpdates)."""
+
+    check: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What every pod of an admitted attempt gets, merged as Kueue's podset.Merge does: the flavors'
+    node labels and tolerations, then each admission check's update; a key set to two values is a
+    conflict (`error`), and the job does not start."""
+
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class Condition:
     status: bool
     reason: str
@@ -88,7 +112,10 @@ class WorkloadView:
     cluster_queue: str | None
     flavors: tuple[str, ...]  # the admitted pod set's flavor names (every resource's)
     owner_uid: str | None
-    active: bool = True  # spec.active: False deactivates it (Kueue evicts it and admits it no more)
+    active: bool = True
+    pod_set_updates: tuple[
+        PodSetUpdate, ...
+    ] = ()  # the admission checks' updates of our pod set  # spec.active: False deactivates it (Kueue evicts it and admits it no more)
 
     def has(self, kind: str) -> bool:
         c = self.conditions.get(kind)
@@ -135,6 +162,18 @@ def workload_view(body: Mapping[str, Any]) -> WorkloadView:
     for psa in admission.get("podSetAssignments") or []:
         flavors += [str(f) for f in (psa.get("flavors") or {}).values() if str(f) not in flavors]
     owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == "FineTuneJob"), None)
+    updates = [
+        PodSetUpdate(
+            check=str(check.get("name") or ""),
+            labels=dict(u.get("labels") or {}),
+            annotations=dict(u.get("annotations") or {}),
+            node_selector=dict(u.get("nodeSelector") or {}),
+            tolerations=tuple(dict(t) for t in u.get("tolerations") or []),
+        )
+        for check in status.get("admissionChecks") or []
+        for u in check.get("podSetUpdates") or []
+        if u.get("name") == POD_SET
+    ]
     return WorkloadView(
         name=str(meta.get("name") or ""),
         resource_version=str(meta.get("resourceVersion") or ""),
@@ -145,6 +184,7 @@ def workload_view(body: Mapping[str, Any]) -> WorkloadView:
         flavors=tuple(flavors),
         owner_uid=owner.get("uid") if owner else None,
         active=(body.get("spec") or {}).get("active", True) is not False,
+        pod_set_updates=tuple(updates),
     )
 
 
@@ -192,29 +232,53 @@ def build_workload(job: FineTuneJob, queue: QueueView) -> dict[str, Any]:
     }
 
 
-def placement(queue: QueueView) -> tuple[dict[str, str], list[dict[str, Any]]]:
-    """The node labels and tolerations of the admitted flavors, which every pod of the attempt gets."""
+def _merge(into: dict[str, str], new: Mapping[str, str], what: str, check: str) -> str | None:
+    for key, value in new.items():
+        if key in into and into[key] != value:
+            return (
+                f"admission check {check!r} sets {what} {key}={value!r}, which is already {into[key]!r}: "
+                "the pods cannot have both (fix the check's podSetUpdates or the flavor)"
+            )
+        into[key] = value
+    return None
+
+
+def placement(queue: QueueView) -> Placement:
+    """The admitted flavors' node labels and tolerations, then the admission checks' podSetUpdates."""
+    node_selector: dict[str, str] = {}
     labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}
     tolerations: list[dict[str, Any]] = []
     wl = queue.workload
     for name in wl.flavors if wl else ():
         f = queue.flavors.get(name)
         if f is None:
             continue
-        labels.update(f.node_labels)
+        node_selector.update(f.node_labels)
         tolerations += [dict(t) for t in f.tolerations if dict(t) not in tolerations]
-    return labels, tolerations
+    error = None
+    for u in wl.pod_set_updates if wl else ():
+        error = (
+            _merge(annotations, u.annotations, "annotation", u.check)
+            or _merge(labels, u.labels, "label", u.check)
+            or _merge(node_selector, u.node_selector, "nodeSelector", u.check)
+            or error
+        )
+        tolerations += [dict(t) for t in u.tolerations if dict(t) not in tolerations]
+    return Placement(node_selector, tuple(tolerations), labels, annotations, error)
 
 
-def apply_placement(
-    pod: dict[str, Any], labels: Mapping[str, str], tolerations: list[dict[str, Any]]
-) -> None:
-    spec = pod["spec"]
-    if labels:
-        spec["nodeSelector"] = {**(spec.get("nodeSelector") or {}), **labels}
-    if tolerations:
+def apply_placement(pod: dict[str, Any], where: Placement) -> None:
+    spec, meta = pod["spec"], pod["metadata"]
+    if where.node_selector:
+        spec["nodeSelector"] = {**(spec.get("nodeSelector") or {}), **where.node_selector}
+    if where.tolerations:
         have = list(spec.get("tolerations") or [])
-        spec["tolerations"] = have + [t for t in tolerations if t not in have]
+        spec["tolerations"] = have + [dict(t) for t in where.tolerations if dict(t) not in have]
+    if where.labels:  # the operator's own labels (job, attempt, rank) win: it finds its pods by them
+        meta["labels"] = {**where.labels, **(meta.get("labels") or {})}
+    if where.annotations:
+        meta["annotations"] = {**where.annotations, **(meta.get("annotations") or {})}
 
 
 def unadmit_patch(wl: WorkloadView, now: datetime) -> dict[str, Any]:

@@ -259,7 +259,7 @@ def _start_attempt(
     fresh = builders.attempt_pods(job, attempt, tensorboard_sidecar=sidecar)
     if d.placement is not None:  # Kueue admitted the job onto these flavors
         for pod in fresh:
-            kueue.apply_placement(pod, *d.placement)
+            kueue.apply_placement(pod, d.placement)
     d.create.extend(p for p in fresh if p["metadata"]["name"] not in seen)
     d.started = attempt
     st.pop("nextAttemptTime", None)  # recorded before the create: this attempt's pods are never re-created

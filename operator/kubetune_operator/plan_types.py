@@ -135,7 +135,7 @@ class Draft:
     workload_active: bool | None = None
     queued_seconds: float | None = None
     # The admitted flavors' node labels and tolerations, for the pods this plan creates.
-    placement: tuple[dict[str, str], list[dict[str, Any]]] | None = None
+    placement: kueue.Placement | None = None
 
     def finish(self) -> Plan:
         return Plan(

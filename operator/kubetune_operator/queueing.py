@@ -50,7 +50,12 @@ def hold(obs: Observed, ends: Mapping[str, PodEnd], d: Draft) -> bool:
         info["flavors"] = list(wl.flavors)
     prev = st.get("kueue") or {}
     if wl is not None and wl.admitted and wl.evicted is None:
-        d.placement = kueue.placement(q)
+        where = kueue.placement(q)
+        if where.error is not None and st.get("nextAttemptTime"):  # not started: do not start it
+            st["kueue"] = {**info, "admitted": True}
+            mark(d, obs, "Queued", "PodSetUpdateConflict", f"admitted, but cannot start: {where.error}")
+            return True
+        d.placement = where
         since = parse_time(prev.get("queuedSince"))
         if since is not None:
             d.queued_seconds = max(0.0, (now - since).total_seconds())

@@ -328,3 +328,75 @@ def test_suspending_a_queued_job_hands_its_quota_on_and_unsuspending_queues_it_a
     wait_for(lambda: running_pod(core_v1, ns, "first", 2), timeout=60, desc="first re-admitted: attempt 2")
     st = status(api_client, ns, "first")
     assert st["preemptions"] == 0 and st["failures"] == 0 and not st["preemptionsByReason"], st
+
+
+def test_an_admission_checks_pod_set_updates_reach_the_pods(
+    queues: dict[str, str],
+    operator: OperatorProcess,
+    namespace: str,
+    api_client: Any,
+    core_v1: Any,
+    kueue: Any,
+) -> None:
+    """A ClusterQueue with an AdmissionCheck; the test plays that check's controller (as a provisioning
+    controller would): it marks the check Active, and once Kueue reserved quota, Ready with podSetUpdates.
+    Kueue then admits the Workload, and the pods carry the updates on top of the flavor's placement."""
+    ns, tag = namespace, namespace[-6:]
+    custom = client.CustomObjectsApi(api_client)
+    check, cq = f"check-{tag}", f"cq-checked-{tag}"
+    kapply(kueue, {"apiVersion": f"{KQ}/v1beta2", "kind": "AdmissionCheck", "metadata": {"name": check},
+                   "spec": {"controllerName": "kubetune.io/test-check"}})  # fmt: skip
+    now = "2026-01-01T00:00:00Z"
+    active = {
+        "type": "Active",
+        "status": "True",
+        "reason": "Active",
+        "message": "",
+        "lastTransitionTime": now,
+    }
+    custom.patch_cluster_custom_object_status(
+        KQ, "v1beta2", "admissionchecks", check, {"status": {"conditions": [active]}}
+    )
+    kapply(kueue, {"apiVersion": f"{KQ}/v1beta2", "kind": "ClusterQueue", "metadata": {"name": cq},
+                   "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+                            "admissionChecksStrategy": {"admissionChecks": [{"name": check}]},
+                            "resourceGroups": [{"coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+                                                "flavors": [{"name": queues["flavor"], "resources": [
+                                                    {"name": "cpu", "nominalQuota": "64"},
+                                                    {"name": "memory", "nominalQuota": "256Gi"},
+                                                    {"name": "nvidia.com/gpu", "nominalQuota": 8}]}]}]}})  # fmt: skip
+    kapply(kueue, {"apiVersion": f"{KQ}/v1beta2", "kind": "LocalQueue",
+                   "metadata": {"name": "checked", "namespace": ns}, "spec": {"clusterQueue": cq}})  # fmt: skip
+    core_v1.patch_node(queues["node"], {"metadata": {"labels": {"kubetune.io/provisioned": "yes"}}})
+    try:
+        apply(kueue, ns, queued_job("checked", "checked", gpus=1))
+
+        def pending_check() -> dict[str, Any] | None:
+            for w in workloads(api_client, ns):
+                states = (w.get("status") or {}).get("admissionChecks") or []
+                if any(s["name"] == check and s["state"] == "Pending" for s in states):
+                    return w
+            return None
+
+        wl = wait_for(pending_check, timeout=60, desc="quota reserved, the check Pending")
+        assert not core_v1.list_namespaced_pod(ns, label_selector="kubetune.io/job-name=checked").items
+        ready = {
+            "name": check, "state": "Ready", "message": "provisioned", "lastTransitionTime": now,
+            "podSetUpdates": [{"name": "trainer", "labels": {"kubetune.io/provisioned-by": check},
+                               "nodeSelector": {"kubetune.io/provisioned": "yes"}}],
+        }  # fmt: skip
+        custom.patch_namespaced_custom_object_status(
+            KQ, "v1beta2", ns, "workloads", wl["metadata"]["name"], {"status": {"admissionChecks": [ready]}}
+        )
+        pod = wait_for(
+            lambda: running_pod(core_v1, ns, "checked", 1), timeout=60, desc="admitted after the check"
+        )
+        assert pod.spec.node_selector == {"kubetune.io/pool": ns, "kubetune.io/provisioned": "yes"}
+        assert pod.metadata.labels["kubetune.io/provisioned-by"] == check
+        assert pod.metadata.labels["kubetune.io/job-name"] == "checked"
+    finally:
+        kueue.kubectl("delete", "finetunejob", "checked", "-n", ns, "--ignore-not-found", check=False)
+        kueue.kubectl("delete", f"clusterqueue.{KQ}", cq, "--ignore-not-found", "--wait=false", check=False)
+        kueue.kubectl(
+            "delete", f"admissioncheck.{KQ}", check, "--ignore-not-found", "--wait=false", check=False
+        )

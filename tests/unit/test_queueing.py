@@ -240,3 +240,54 @@ def test_a_suspended_job_deactivates_its_workload_and_hands_the_quota_back_witho
     assert p3.status["preemptions"] == 0
     p4 = run(job, p3.status, [gone], queue=admitted)
     assert pods_created(p4) == ["demo-a2-0"] and p4.status["preemptions"] == 0
+
+
+def _checked(*updates: dict) -> kueue.WorkloadView:
+    base = workload(*ADMITTED, flavor="gpu")
+    body = {
+        "metadata": {"name": base.name, "resourceVersion": "8"},
+        "status": {
+            "conditions": list(base.raw_conditions),
+            "admission": {
+                "clusterQueue": "cq",
+                "podSetAssignments": [{"name": "trainer", "flavors": {"nvidia.com/gpu": "gpu"}}],
+            },
+            "admissionChecks": [
+                {"name": f"check-{i}", "state": "Ready", "podSetUpdates": [u]} for i, u in enumerate(updates)
+            ],
+        },
+    }
+    return kueue.workload_view(body)
+
+
+def test_admission_checks_pod_set_updates_go_on_the_pods_as_kueue_merges_them():
+    job = make_job()
+    wl = _checked(
+        {
+            "name": "trainer",
+            "labels": {"team": "a", "kubetune.io/job-name": "not-ours"},
+            "annotations": {"provisioned-by": "check-0"},
+            "nodeSelector": {"zone": "z1"},
+            "tolerations": [{"key": "spot", "operator": "Exists"}],
+        },
+        {"name": "other-pod-set", "labels": {"ignored": "yes"}},
+    )
+    p = run(job, {}, [], queue=queue(wl))
+    pod_obj = next(o for o in p.create if o["kind"] == "Pod")
+    assert pod_obj["spec"]["nodeSelector"] == {"pool": "gpu", "zone": "z1"}
+    assert {"key": "spot", "operator": "Exists"} in pod_obj["spec"]["tolerations"]
+    assert {"key": "gpu", "operator": "Exists"} in pod_obj["spec"]["tolerations"]
+    labels = pod_obj["metadata"]["labels"]
+    assert labels["team"] == "a" and "ignored" not in labels
+    assert labels["kubetune.io/job-name"] == "demo"  # the operator's own labels win
+    assert pod_obj["metadata"]["annotations"]["provisioned-by"] == "check-0"
+
+
+def test_a_pod_set_update_that_contradicts_the_flavor_holds_the_job_and_says_which():
+    job = make_job()
+    wl = _checked({"name": "trainer", "nodeSelector": {"pool": "cpu"}})
+    p = run(job, {}, [], queue=queue(wl))
+    assert pods_created(p) == [] and p.status["phase"] == "Queued"
+    cond = get_condition(p.status, "Queued")
+    assert cond["reason"] == "PodSetUpdateConflict"
+    assert "admission check 'check-0' sets nodeSelector pool='cpu', which is already 'gpu'" in cond["message"]
