@@ -237,7 +237,8 @@ def _container(job: FineTuneJob, attempt: int, rank: int) -> dict[str, Any]:
     }
     if spec.distributed:
         shutdown = max(1, spec.termination_grace_period_seconds - TORCHRUN_MARGIN_SECONDS)
-        container["command"] = ["tini", "--", "torchrun"]
+        # torchrun through kubetune_trainer.launch: a preempted gang exits 143, a bad config 2 (torchrun: 1).
+        container["command"] = ["tini", "--", "python", "-m", "kubetune_trainer.launch"]
         container["args"] = ["--shutdown-timeout", str(shutdown), "-m", "kubetune_trainer", "-f", job_file]
     if spec.metrics_port:
         container["ports"] = [{"name": "metrics", "containerPort": spec.metrics_port, "protocol": "TCP"}]

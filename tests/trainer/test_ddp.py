@@ -18,8 +18,9 @@ SPEC = tiny_spec(training={"maxSteps": 10, "batchSize": 4}, checkpoint={"everySt
 
 
 def torchrun(job: Job) -> list[str]:
+    """torchrun as the operator's pods run it: through kubetune_trainer.launch (its exit codes)."""
     return [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+        sys.executable, "-m", "kubetune_trainer.launch", "--nproc_per_node", "2", "--master_port", "0",
         "--standalone", "-m", "kubetune_trainer", "-f", str(job.manifest), "--checkpoint-dir", str(job.ckpt),
     ]  # fmt: skip
 
@@ -51,7 +52,8 @@ def test_ddp_sigterm_on_one_rank_then_resume_is_bitwise_equal(job_factory: Calla
     import os
 
     os.kill(workers[-1], signal.SIGTERM)  # one rank only: the stop flag is all-reduced
-    agent.wait(timeout=120)
+    # Both workers checkpoint and exit 143; torchrun alone would exit 1, the launcher exits 143.
+    assert agent.wait(timeout=120) == 143, job.log_text()
     rank0 = job.termination()
     rank1 = Job.termination_of(job.term_log.with_name(job.term_log.name + ".rank1"))
     assert rank0["reason"] == rank1["reason"] == "Preempted", job.log_text()

@@ -75,7 +75,7 @@ def test_multi_worker_gang_gets_torchrun_and_headless_service():
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["PET_NNODES"] == "3" and env["PET_NODE_RANK"] == "2" and env["PET_NPROC_PER_NODE"] == "2"
     assert env["PET_MASTER_ADDR"] == "demo-a4-0.demo-workers"
-    assert c["command"] == ["tini", "--", "torchrun"]
+    assert c["command"] == ["tini", "--", "python", "-m", "kubetune_trainer.launch"]
     assert c["args"][:2] == ["--shutdown-timeout", "85"]
     assert pods[0]["spec"]["subdomain"] == "demo-workers" and pods[0]["spec"]["hostname"] == "demo-a4-0"
     svc = builders.headless_service(j)
@@ -244,7 +244,7 @@ def test_rank0_trainer_pod_gets_the_tensorboard_sidecar():
     assert mounts["checkpoints"]["readOnly"] is True and mounts["tmp"]["mountPath"] == "/tmp"
     assert "nvidia.com/gpu" not in str(side["resources"])
     (trainer,) = rank0["spec"]["containers"]
-    assert trainer["name"] == "trainer" and trainer["command"] == ["tini", "--", "torchrun"]
+    assert trainer["name"] == "trainer" and trainer["command"] == ["tini", "--", "python", "-m", "kubetune_trainer.launch"]
     assert builders.trainer_pod(j, 1, 0) == builders.trainer_pod(job(workers=2, resources={"gpus": 1}), 1, 0)
     # The rendezvous Service selects trainer pods only, never a TensorBoard server.
     svc = builders.headless_service(j)
