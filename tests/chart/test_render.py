@@ -323,6 +323,8 @@ def test_image_digest_and_tags(helm: Helm) -> None:
     c = container(objs)
     assert c["image"] == f"ghcr.io/kubetune/kubetune-operator@{digest}"
     assert "--trainer-image=ghcr.io/kubetune/kubetune-trainer:cu124" in c["args"]
+    pinned = container(helm.template({"trainer": {"image": {"tag": "cu124", "digest": digest}}}))
+    assert f"--trainer-image=ghcr.io/kubetune/kubetune-trainer@{digest}" in pinned["args"]  # digest wins
 
 
 def test_names_and_labels_fit_63(helm: Helm) -> None:
@@ -347,6 +349,7 @@ BAD_VALUES = [
     ("list expected", {"watchNamespaces": "team-a"}, ["watchNamespaces"]),
     ("bad namespace name", {"watchNamespaces": ["Team_A"]}, ["watchNamespaces"]),
     ("enum", {"image": {"pullPolicy": "Sometimes"}}, ["pullPolicy"]),
+    ("trainer digest", {"trainer": {"image": {"digest": "latest"}}}, ["trainer", "digest"]),
     ("port range", {"metrics": {"port": 70000}}, ["metrics", "port"]),
     ("duration", {"prometheusRule": {"preemptionsWindow": "1 hour"}}, ["preemptionsWindow"]),
     ("bool type", {"dashboard": {"enabled": "yes"}}, ["dashboard", "enabled"]),

@@ -75,7 +75,11 @@ app.kubernetes.io/component: operator
 {{- end }}
 
 {{- define "kubetune.trainerImage" -}}
+{{- if .Values.trainer.image.digest }}
+{{- printf "%s@%s" .Values.trainer.image.repository .Values.trainer.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.trainer.image.repository (default .Chart.AppVersion .Values.trainer.image.tag) }}
+{{- end }}
 {{- end }}
 
 {{/* Selector of the trainer pods the operator creates (builders.py labels). */}}
