@@ -50,38 +50,11 @@ die() { log "error: $*"; exit 1; }
 
 # ---------------------------------------------------------------- processes (by PID, never by name)
 
-pidfile() { printf '%s/pids/%s.pid' "$DIR" "$1"; }
-
-# ours <component>: print the PID when the pidfile names a live process that is this component of
-# this state directory (its cmdline holds the binary name and $DIR), so a recycled PID is never touched.
-ours() {
-  local f pid cmd
-  f=$(pidfile "$1")
-  [[ -f $f ]] || return 1
-  pid=$(<"$f")
-  [[ $pid =~ ^[0-9]+$ && -r /proc/$pid/cmdline ]] || return 1
-  cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline")
-  [[ $cmd == *"/$1 "* && $cmd == *"$DIR"* ]] || return 1
-  printf '%s' "$pid"
-}
-
-stop_one() {
-  local c=$1 pid i
-  if pid=$(ours "$c"); then
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 100; i++)); do
-      [[ -e /proc/$pid ]] || break
-      # A zombie (our own un-reaped child) counts as stopped.
-      [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) == Z ]] && break
-      sleep 0.1
-    done
-    if [[ -e /proc/$pid ]] && [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]]; then
-      log "$c (pid $pid) ignored SIGTERM for 10s: SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
-  fi
-  rm -f "$(pidfile "$c")"
-}
+# hack/lib.sh: ours, stop_one, spawn, wait_until, client_cert, write_kubeconfig. A component is ours when
+# its command line runs $BIN/<component> and names this state directory.
+PIDS=$DIR/pids LOGS=$DIR/logs MARK=$DIR OURS_BY_NAME=1
+# shellcheck source=hack/lib.sh
+source "$HACK/lib.sh"
 
 stop_all() {
   local c
@@ -99,41 +72,21 @@ port_busy() {
 fail() {
   local c=$1 why=$2
   log "error: $c $why"
-  log "---- last 30 lines of $DIR/logs/$c.log ----"
-  tail -n 30 "$DIR/logs/$c.log" >&2 2>/dev/null || true
+  log_tail "$c"
   log "---- (stopping the components already started)"
   stop_all
   exit 1
 }
+on_start_failure() { fail "$@"; }
 
-# start <component> <args...>: run the binary detached (own session, output to its log) and record PID.
+# start <component> <args...>: run $BIN/<component> detached, with KUBETUNE_EXTRA_ARGS_<COMPONENT>.
 start() {
   local c=$1; shift
   local var="KUBETUNE_EXTRA_ARGS_${c^^}"; var=${var//-/_}
   local -a extra=()
   read -r -a extra <<<"${!var:-}"
   [[ -x $BIN/$c ]] || die "$BIN/$c is missing: run 'bash hack/build-binaries.sh' (or make setup)"
-  # 8>&-: the component must not inherit (and so hold) the up/down lock.
-  setsid "$BIN/$c" "$@" "${extra[@]}" </dev/null >"$DIR/logs/$c.log" 2>&1 8>&- &
-  local pid=$! i
-  echo "$pid" >"$(pidfile "$c")"
-  # Until the fork execs, /proc/$pid/cmdline is this script's, and `ours` would call the component
-  # gone ("exited during startup", with an empty log) on a loaded machine: wait for the exec.
-  for ((i = 0; i < 200; i++)); do
-    ours "$c" >/dev/null || [[ ! -e /proc/$pid ]] && return 0
-    sleep 0.05
-  done
-}
-
-# wait_until <component> <command...>: poll the command until it succeeds, or report the component.
-wait_until() {
-  local c=$1; shift
-  local deadline=$((SECONDS + START_TIMEOUT))
-  until "$@" >/dev/null 2>&1; do
-    ours "$c" >/dev/null || fail "$c" "exited during startup"
-    ((SECONDS < deadline)) || fail "$c" "was not ready after ${START_TIMEOUT}s"
-    sleep 0.2
-  done
+  spawn "$c" "$BIN/$c" "$@" "${extra[@]}"
 }
 
 # ---------------------------------------------------------------- certificates and kubeconfigs
@@ -141,42 +94,11 @@ wait_until() {
 PKI=$DIR/pki
 KUBECONFIG_PATH=$DIR/kubeconfig
 
-# cert <name> <CN> <O or ""> [SANs]: EC P-256 key + cert signed by the cluster CA (fast to generate).
-cert() {
-  local name=$1 cn=$2 org=$3 san=${4:-} subj ext
-  subj="/CN=$cn"; [[ -n $org ]] && subj="/O=$org$subj"
-  openssl ecparam -name prime256v1 -genkey -noout -out "$PKI/$name.key" 2>/dev/null
-  openssl req -new -key "$PKI/$name.key" -subj "$subj" -out "$PKI/$name.csr" 2>/dev/null
-  ext="basicConstraints=CA:FALSE
-keyUsage=critical,digitalSignature,keyEncipherment
-extendedKeyUsage=${san:+serverAuth,}clientAuth"
-  [[ -n $san ]] && ext+=$'\n'"subjectAltName=$san"
-  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
-    -days 3650 -sha256 -extfile <(printf '%s\n' "$ext") -out "$PKI/$name.crt" 2>/dev/null
-  rm -f "$PKI/$name.csr"
-}
+# cert <name> <CN> <O or ""> [SANs]: a key and cert in $PKI signed by the cluster CA.
+cert() { client_cert "$PKI" "$PKI/$1" "$2" "$3" "${4:-}"; }
 
-kubeconfig() {
-  local name=$1 out=$2
-  cat >"$out" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: kubetune-local
-  cluster:
-    server: https://127.0.0.1:$API_PORT
-    certificate-authority: $PKI/ca.crt
-users:
-- name: $name
-  user:
-    client-certificate: $PKI/$name.crt
-    client-key: $PKI/$name.key
-contexts:
-- name: kubetune-local
-  context: {cluster: kubetune-local, user: $name}
-current-context: kubetune-local
-EOF
-}
+# kubeconfig <user> <out>: for the client cert $PKI/<user>.crt.
+kubeconfig() { write_kubeconfig "$1" "$PKI/ca.crt" "$PKI/$1" "$2"; }
 
 gen_pki() {
   mkdir -p "$PKI"
