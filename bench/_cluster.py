@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from tests.opkit import OperatorProcess
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("KUBETUNE_BIN_DIR") or Path.home() / ".cache" / "kubetune" / "bin" / "current")
@@ -56,64 +54,6 @@ def wait_until(pred: Callable[[], Any], timeout: float, desc: str, interval: flo
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {desc}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Operator:
-    def __init__(self, namespace: str, log_path: Path, *extra: str) -> None:
-        self.metrics_port, self.health_port = free_port(), free_port()
-        cmd = [
-            sys.executable, "-m", "kubetune_operator", "--kubeconfig", str(KUBECONFIG),
-            "--namespace", namespace, "--leader-namespace", namespace,
-            "--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port),
-            "--trainer-image", "registry.invalid/kubetune/trainer:bench", *extra,
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(
-            cmd, stdout=log_path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
-        )
-        wait_until(self._healthy, 60, "operator /healthz")
-
-    def _healthy(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"operator exited with {self.proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def metrics(self) -> dict[str, float]:
-        """Plain samples by name+labels, as the exposition format spells them."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        out: dict[str, float] = {}
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-        return out
-
-    def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
 
 
 def kwok_gpu_nodes(prefix: str, count: int, gpus: int, pods: int) -> list[dict[str, Any]]:
@@ -241,7 +181,7 @@ def raw_watch(path: str, on_event: Callable[[str, dict[str, Any]], None], stop: 
 class Setup:
     """What a bench gets from `bench_namespace`: API clients, the operator, and a pod watch."""
 
-    def __init__(self, api: Any, op: Operator, namespace: str) -> None:
+    def __init__(self, api: Any, op: OperatorProcess, namespace: str) -> None:
         from kubernetes import client
 
         self.api, self.op, self.namespace = api, op, namespace
@@ -272,7 +212,10 @@ def bench_namespace(
     for node in node_objs:
         kubectl("apply", "-f", "-", input=json.dumps(node))
     logdir = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
-    op = Operator(namespace, logdir / "operator.log", "--workers", str(operator_workers))
+    op = OperatorProcess(
+        KUBECONFIG, namespace, logdir / "operator.log", "--workers", str(operator_workers),
+        fast=False, trainer_image="registry.invalid/kubetune/trainer:bench",
+    ).start()  # fmt: skip
     setup = Setup(api, op, namespace)
     try:
         yield setup

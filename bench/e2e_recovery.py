@@ -7,7 +7,9 @@ attempt's pod object), `pod_start_s` (pod object to container running: schedulin
 container start), `checkpoint_load_to_first_step_s` (container running to the first step past the
 resumed one: Python/torch import, data, checkpoint load, one step), their sum `disruption_to_first_step_s`,
 and `sigterm_to_exit_s` (disruption to the trainer's exit: the SIGTERM checkpoint) against the grace period.
-Then a Kueue priority preemption of a queued job through the real Kueue (`kueue_*`: eviction to the
+Then a `workers: 2` DDP job (`ddp_*`): the scheduler preempts rank 1, the whole gang stops and the next
+attempt's two pods resume; `ddp_disruption_to_first_step_s` ends at the first step of the new gang (a
+DDP step completes on both ranks at once: its gradients are all-reduced). Then a Kueue priority preemption of a queued job through the real Kueue (`kueue_*`: eviction to the
 checkpoint durable, to Queued, to the exit; re-admission to the next pod and to the first training step).
 Needs root and the real-node packages; starts and stops its own cluster (see docs/real-node.md).
 """
@@ -58,10 +60,31 @@ def run() -> dict[str, Any]:
             lost_steps=st.get("lostSteps", 0),
             images_log=images_log.splitlines(),
         )
+        out.update(_ddp(sc, env))
         out.update(_kueue(sc, env))
         return out
     finally:
         cluster.down()
+
+
+def _ddp(sc: Any, env: Any) -> dict[str, Any]:
+    """Gang recovery: rank 1 of a 2-worker job preempted by the scheduler, to the new gang's first step."""
+    job = "bench-ddp"
+    sc.create_job(env, job, 160, EVERY, GRACE, cpu="500m", workers=2)
+    d = sc.disrupt(env, job, "scheduler-preemption", EVERY + 5, log=lambda _m: None, rank=1)
+    st = sc.wait_done(env, job)
+    s = d.summary(GRACE)
+    out: dict[str, Any] = {"ddp_preemption": s}
+    for key, value in s.items():
+        if key.endswith("_s") and key != "grace_period_s":
+            out[f"ddp_{key}"] = value
+    out.update(
+        ddp_phase=st.get("phase"),
+        ddp_preemptions=st.get("preemptions"),
+        ddp_failures=st.get("failures", 0),
+        ddp_lost_steps=st.get("lostSteps", 0),
+    )
+    return out
 
 
 def _kueue(sc: Any, env: Any) -> dict[str, Any]:

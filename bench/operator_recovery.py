@@ -54,7 +54,7 @@ def run() -> dict[str, Any]:
                     latencies.append(seen[f"{name}-a2-0"] - t0)
                     if f"{name}-a1-0/gone" in seen:
                         gone_to_created.append(seen[f"{name}-a2-0"] - seen[f"{name}-a1-0/gone"])
-        metrics = b.op.metrics()
+        metrics = b.op.samples()
     return {
         "jobs": JOBS,
         "disruptions": JOBS,

@@ -43,7 +43,7 @@ def run() -> dict[str, Any]:
                     running.add(obj["metadata"]["name"])
 
         b.watch_pods(on_pod)
-        requests_before = b.op.metrics().get("kubetune_api_requests_total", 0.0)
+        requests_before = b.op.samples().get("kubetune_api_requests_total", 0.0)
         t0 = time.monotonic()
 
         def create(i: int) -> None:
@@ -74,7 +74,7 @@ def run() -> dict[str, Any]:
             list(pool.map(finish, range(JOBS)))
         c.wait_until(succeeded, 600, f"{JOBS} jobs Succeeded", interval=1.0)
         lifecycle_s = time.monotonic() - t0
-        metrics = b.op.metrics()
+        metrics = b.op.samples()
         rss = b.op.peak_rss_mb()
     requests = metrics.get("kubetune_api_requests_total", 0.0) - requests_before
     reconciles = metrics.get("kubetune_reconcile_seconds_count", 0.0)

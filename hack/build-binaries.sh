@@ -8,7 +8,8 @@
 # second. Go's module and build caches live under .../kubetune/go so a rebuild after a version bump only
 # compiles what changed. See docs/cluster.md for the pins and why each one was chosen.
 #
-# Environment: KUBETUNE_BUILD_ONLY="etcd kube" builds a subset (names: etcd kube kubelet kwok helm kueue).
+# Environment: KUBETUNE_BUILD_ONLY="etcd kube" builds a subset (names: etcd kube kubelet kwok helm kueue
+# coredns registry).
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -17,7 +18,10 @@ ETCD_VERSION=v3.6.16     # go.etcd.io/etcd/server/v3, newest 3.6.x patch on the 
 KWOK_VERSION=v0.7.0      # sigs.k8s.io/kwok
 HELM_VERSION=v3.22.0     # helm.sh/helm/v3
 KUEUE_VERSION=v0.17.0    # sigs.k8s.io/kueue (cmd/kueue, the manager; its CRDs come from the same module)
+COREDNS_VERSION=v1.15.0  # github.com/coredns/coredns: cluster DNS of the real node (hack/k8s/coredns/main.go)
+REGISTRY_VERSION=v3.1.2  # github.com/distribution/distribution/v3 (cmd/registry): the real node's OCI registry
 
+REPO_HACK=$(cd "$(dirname "$0")" && pwd)
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/kubetune"
 BIN="$CACHE/bin"
 CURRENT="$BIN/current"
@@ -26,7 +30,7 @@ export GOPATH="$CACHE/go" GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build"
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS="-mod=mod -buildvcs=false"
 export PATH="/usr/local/go/bin:$PATH"
 JOBS=${KUBETUNE_BUILD_JOBS:-$(nproc)}
-ONLY=${KUBETUNE_BUILD_ONLY:-"etcd kube kwok kubelet helm kueue"}
+ONLY=${KUBETUNE_BUILD_ONLY:-"etcd kube kwok kubelet helm kueue coredns registry"}
 
 log() { printf '[build-binaries] %s\n' "$*" >&2; }
 wants() { [[ " $ONLY " == *" $1 "* ]]; }
@@ -189,6 +193,39 @@ build_kueue() {
   ln -sfn "$out/manifests" "$CURRENT/kueue-manifests"
 }
 
+build_coredns() {
+  # Only the plugins the cluster's DNS uses (hack/k8s/coredns/main.go, CoreDNS's documented way to pick
+  # plugins at build time); the main.go's hash is in the directory name, so changing it rebuilds.
+  local src=$REPO_HACK/k8s/coredns/main.go
+  local out="$BIN/coredns-$COREDNS_VERSION-$(sha256sum "$src" | cut -c1-8)"
+  if ! built "$out" coredns; then
+    log "building coredns $COREDNS_VERSION"
+    local t0=$SECONDS dir="$WORK/coredns-$COREDNS_VERSION"
+    mkdir -p "$dir" "$out"
+    printf 'module kubetune.local/coredns\n\ngo 1.26\n\nrequire github.com/coredns/coredns %s\n' \
+      "$COREDNS_VERSION" >"$dir/go.mod"
+    cp "$src" "$dir/main.go"
+    (cd "$dir" && go build -p "$JOBS" -trimpath -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" -o "$out/coredns.tmp" .)
+    mv "$out/coredns.tmp" "$out/coredns"
+    log "built coredns in $((SECONDS - t0))s"
+  fi
+  link "$out" coredns
+}
+
+build_registry() {
+  local out="$BIN/registry-$REGISTRY_VERSION"
+  if ! built "$out" registry; then
+    log "building registry (distribution) $REGISTRY_VERSION"
+    local t0=$SECONDS
+    mkdir -p "$out"
+    GOBIN="$out" go install -p "$JOBS" -trimpath \
+      -ldflags "-s -w -X github.com/distribution/distribution/v3/version.version=$REGISTRY_VERSION" \
+      "github.com/distribution/distribution/v3/cmd/registry@$REGISTRY_VERSION"
+    log "built registry in $((SECONDS - t0))s"
+  fi
+  link "$out" registry
+}
+
 start=$SECONDS
 # Order: what the cluster needs first, so `hack/cluster.sh up` works as early as possible on a cold build.
 wants etcd && build_etcd
@@ -197,6 +234,8 @@ wants kwok && build_kwok
 wants kubelet && build_kubelet
 wants helm && build_helm
 wants kueue && build_kueue
+wants coredns && build_coredns
+wants registry && build_registry
 
 log "binaries ready in $CURRENT ($((SECONDS - start))s)."
 if [[ -x /usr/bin/kubectl && "$(readlink -f /usr/bin/kubectl)" != "$(readlink -f "$CURRENT/kubectl")" ]]; then

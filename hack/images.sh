@@ -9,10 +9,23 @@
 #             does), downloaded once from PyPI into ~/.cache/kubetune/wheels.
 #   operator  buildah build of ./Dockerfile          -> kubetune.local/kubetune-operator:dev
 #   trainer   buildah build of trainer_image/Dockerfile -> kubetune.local/kubetune-trainer:dev
-#   import    push each image to a docker-archive and `ctr images import` it into the real node's
-#             containerd (namespace k8s.io), where pods use it with imagePullPolicy: Never.
+#   push      buildah push of both images to the real node's registry (hack/real-node.sh: distribution's
+#             registry on 127.0.0.1:5000) as 127.0.0.1:5000/kubetune/{operator,trainer}:<tag>. Only
+#             layers the registry lacks travel: after a code change, the package layer (MBs), not the
+#             6 GB of torch. Layers go uncompressed (loopback: gzip of 6 GB costs more CPU than the bytes
+#             it saves). The digests land in ~/.cache/kubetune/images/pushed.env for pinning by digest.
+#   pull      the pushed images into the real node's containerd through CRI (crictl pull, the kubelet's
+#             path), as a pre-pulling DaemonSet does on a real cluster: the first trainer pod then
+#             starts in seconds, not after a 6 GB pull. Only layers containerd lacks are fetched.
+#   chart     `helm package` charts/kubetune and `helm push` it to oci://127.0.0.1:5000/charts, so it
+#             installs as from any OCI registry: helm install kubetune oci://127.0.0.1:5000/charts/kubetune
+#             --version <chart version> --plain-http.
+#   import    the way before the registry: each image to a docker-archive, `ctr images import` into the
+#             real node's containerd (namespace k8s.io), for pods with imagePullPolicy: Never. Writes
+#             and reads the whole 6 GB on every trainer change (bench/image_delivery compares the two).
 #
-#   hack/images.sh [all|base|wheels|operator|trainer|import]...   (default: all)
+#   hack/images.sh [all|base|wheels|operator|trainer|push|pull|chart|import]...   (default: all = every
+#   step but import)
 #
 # Both Dockerfiles install with `pip --no-cache-dir`, so a pip cache mount would stay empty. Instead
 # the build mounts the wheelhouse and a pip.conf (no-index, find-links) into every RUN step: torch is
@@ -20,7 +33,8 @@
 # the images are the ones `docker build` makes. buildah's layer cache (--layers) makes a rebuild with
 # an unchanged context take seconds. Timings of the last run: ~/.cache/kubetune/images/timings.log.
 #
-# Environment: KUBETUNE_IMAGE_TAG (default dev), KUBETUNE_CLUSTER_DIR (to find the node's containerd).
+# Environment: KUBETUNE_IMAGE_TAG (default dev), KUBETUNE_CLUSTER_DIR (to find the node's containerd and
+# registry).
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -36,7 +50,11 @@ TRAINER_IMAGE=kubetune.local/kubetune-trainer:$TAG
 SUITE=bookworm
 MIRROR=${KUBETUNE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 BASE_PACKAGES=python3.11,python3-venv,python-is-python3,tini,ca-certificates
-SOCK=$(bash "$HACK/real-node.sh" env | sed -n 's/^KUBETUNE_CRI_SOCKET=//p')
+NODE_ENV=$(bash "$HACK/real-node.sh" env)
+SOCK=$(sed -n 's/^KUBETUNE_CRI_SOCKET=//p' <<<"$NODE_ENV")
+REGISTRY=$(sed -n 's/^KUBETUNE_REGISTRY=//p' <<<"$NODE_ENV")
+HELM=${KUBETUNE_BIN_DIR:-$CACHE/bin/current}/helm
+CRICTL=${KUBETUNE_BIN_DIR:-$CACHE/bin/current}/crictl
 
 log() { printf '[images] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -152,6 +170,52 @@ prune_aliases() {
   true
 }
 
+registry_up() { curl -sf --max-time 2 "http://$REGISTRY/v2/" >/dev/null; }
+
+push_one() { # push_one <local image> <repository in the registry>: records <repository>:<tag>=<repository>@<digest>
+  local image=$1 repo=$2 ref=$REGISTRY/$2:$TAG digest
+  buildah push -q --tls-verify=false --format oci --disable-compression \
+    --digestfile "$IMAGES/push.digest" "$image" "docker://$ref"
+  digest=$(<"$IMAGES/push.digest")
+  [[ $digest == sha256:* ]] || die "buildah push $ref wrote no digest"
+  touch "$IMAGES/pushed.env"
+  { grep -vF "$repo:$TAG=" "$IMAGES/pushed.env" || true; echo "$repo:$TAG=$REGISTRY/$repo@$digest"; } \
+    >"$IMAGES/pushed.env.tmp"
+  mv "$IMAGES/pushed.env.tmp" "$IMAGES/pushed.env"
+  log "push: $ref ($digest)"
+}
+
+push() {
+  registry_up || die "no registry answers on $REGISTRY: KUBETUNE_REAL_NODE=1 make cluster-up starts it"
+  has_image "$OPERATOR_IMAGE" || has_image "$TRAINER_IMAGE" ||
+    die "neither $OPERATOR_IMAGE nor $TRAINER_IMAGE is built: run hack/images.sh operator trainer"
+  if has_image "$OPERATOR_IMAGE"; then push_one "$OPERATOR_IMAGE" kubetune/operator; fi
+  if has_image "$TRAINER_IMAGE"; then push_one "$TRAINER_IMAGE" kubetune/trainer; fi
+}
+
+pull() { # what a pre-pulling DaemonSet does: the pushed images into the node through CRI, as the kubelet pulls
+  [[ -S $SOCK ]] || die "the real node's containerd is not running ($SOCK): KUBETUNE_REAL_NODE=1 make cluster-up"
+  [[ -x $CRICTL ]] || die "no crictl at $CRICTL: hack/real-node.sh up builds it"
+  local ref
+  for ref in $(sed -n "s#^kubetune/[a-z]*:$TAG=##p" "$IMAGES/pushed.env" 2>/dev/null); do
+    "$CRICTL" --runtime-endpoint "unix://$SOCK" --image-endpoint "unix://$SOCK" --timeout 20m pull "$ref" >/dev/null
+    log "pull: $ref"
+  done
+}
+
+chart() {
+  registry_up || die "no registry answers on $REGISTRY: KUBETUNE_REAL_NODE=1 make cluster-up starts it"
+  [[ -x $HELM ]] || die "no helm at $HELM: run make setup"
+  local version tmp
+  version=$(sed -n 's/^version: *//p' "$REPO/charts/kubetune/Chart.yaml")
+  tmp=$(mktemp -d)
+  "$HELM" package "$REPO/charts/kubetune" -d "$tmp" >/dev/null
+  "$HELM" push "$tmp/kubetune-$version.tgz" "oci://$REGISTRY/charts" --plain-http >"$tmp/push.log" 2>&1 ||
+    { cat "$tmp/push.log" >&2; rm -rf "$tmp"; die "helm push failed"; }
+  rm -rf "$tmp"
+  log "chart: oci://$REGISTRY/charts/kubetune --version $version"
+}
+
 import() {
   local i
   [[ -S $SOCK ]] || die "the real node's containerd is not running ($SOCK): KUBETUNE_REAL_NODE=1 make cluster-up"
@@ -170,12 +234,15 @@ for step in "$@"; do
   wheels) timed wheels wheels ;;
   operator) timed "build operator" build "$OPERATOR_IMAGE" Dockerfile ;;
   trainer) timed "build trainer" build "$TRAINER_IMAGE" trainer_image/Dockerfile ;;
+  push) timed push push ;;
+  pull) timed pull pull ;;
+  chart) timed chart chart ;;
   import) timed import import ;;
   all)
     timed base base; timed wheels wheels
     timed "build operator" build "$OPERATOR_IMAGE" Dockerfile
     timed "build trainer" build "$TRAINER_IMAGE" trainer_image/Dockerfile
-    timed import import ;;
-  *) die "unknown step $step (all|base|wheels|operator|trainer|import)" ;;
+    timed push push; timed pull pull; timed chart chart ;;
+  *) die "unknown step $step (all|base|wheels|operator|trainer|push|pull|chart|import)" ;;
   esac
 done

@@ -23,6 +23,9 @@
 #   KUBETUNE_REAL_NODE_PORT     kubelet port (default 10250; healthz on port-2)
 #   KUBETUNE_CONTAINERD_ROOT    containerd's image store, kept across up/down so imported images stay
 #                               (default ${XDG_CACHE_HOME:-~/.cache}/kubetune/containerd)
+#   KUBETUNE_REGISTRY_PORT      the OCI registry on 127.0.0.1 (default 5000); its storage is kept across
+#                               up/down in ${XDG_CACHE_HOME:-~/.cache}/kubetune/registry, so a push after
+#                               a code change sends only the changed layers
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -36,6 +39,13 @@ NODE=${KUBETUNE_REAL_NODE_NAME:-kubetune-real-0}
 POD_CIDR=${KUBETUNE_REAL_NODE_CIDR:-10.245.0.0/24}
 KUBELET_PORT=${KUBETUNE_REAL_NODE_PORT:-10250}
 HEALTHZ_PORT=$((KUBELET_PORT - 2))
+# CoreDNS (cluster DNS): serves cluster.local on the bridge address, port 53; health/ready on loopback.
+DNS_HEALTH_PORT=$((KUBELET_PORT - 6)) DNS_READY_PORT=$((KUBELET_PORT - 7))
+CLUSTER_DOMAIN=cluster.local
+# The OCI registry (distribution's cmd/registry): pods and helm pull from it, hack/images.sh pushes to it.
+REGISTRY_PORT=${KUBETUNE_REGISTRY_PORT:-5000}
+REGISTRY=127.0.0.1:$REGISTRY_PORT
+REGISTRY_ROOT=$(realpath -m "${KUBETUNE_REGISTRY_ROOT:-$CACHE/registry}")
 CTR_ROOT=$(realpath -m "${KUBETUNE_CONTAINERD_ROOT:-$CACHE/containerd}")
 STATE=$DIR/real-node
 SOCK=$STATE/containerd.sock
@@ -59,68 +69,15 @@ crictl_() { "$BIN/crictl" --runtime-endpoint "unix://$SOCK" --image-endpoint "un
 
 # ---------------------------------------------------------------- processes (by PID, never by name)
 
-pidfile() { printf '%s/%s.pid' "$STATE" "$1"; }
-
-# ours <name>: the PID recorded for <name> when that process is alive and its command line names this
-# state directory (so a recycled PID is never signalled).
-ours() {
-  local f pid cmd
-  f=$(pidfile "$1")
-  [[ -f $f ]] || return 1
-  pid=$(<"$f")
-  [[ $pid =~ ^[0-9]+$ && -r /proc/$pid/cmdline ]] || return 1
-  cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline")
-  [[ $cmd == *"$STATE"* ]] || return 1
-  [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]] || return 1
-  printf '%s' "$pid"
-}
-
-# stop_pid <pid> <what> [seconds]: TERM, wait, then KILL.
-stop_pid() {
-  local pid=$1 what=$2 wait=${3:-15} i
-  kill -TERM "$pid" 2>/dev/null || return 0
-  for ((i = 0; i < wait * 10; i++)); do
-    [[ -e /proc/$pid ]] || return 0
-    [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) == Z ]] && return 0
-    sleep 0.1
-  done
-  log "$what (pid $pid) ignored SIGTERM for ${wait}s: SIGKILL"
-  kill -KILL "$pid" 2>/dev/null || true
-}
-
-stop_one() {
-  local pid
-  if pid=$(ours "$1"); then stop_pid "$pid" "$1"; fi
-  rm -f "$(pidfile "$1")"
-}
-
-start() {
-  local name=$1; shift
-  setsid "$@" </dev/null >"$STATE/logs/$name.log" 2>&1 8>&- &
-  local pid=$! i
-  echo "$pid" >"$(pidfile "$name")"
-  # Until the fork execs, /proc/$pid/cmdline is this script's, and `ours` would call the process
-  # gone ("exited during startup", with an empty log) on a loaded machine: wait for the exec.
-  for ((i = 0; i < 200; i++)); do
-    ours "$name" >/dev/null || [[ ! -e /proc/$pid ]] && return 0
-    sleep 0.05
-  done
-}
-
-wait_until() {
-  local name=$1; shift
-  local deadline=$((SECONDS + START_TIMEOUT))
-  until "$@" >/dev/null 2>&1; do
-    if ! ours "$name" >/dev/null; then
-      log "---- last 30 lines of $STATE/logs/$name.log ----"; tail -n 30 "$STATE/logs/$name.log" >&2 || true
-      down_quiet; die "$name exited during startup"
-    fi
-    if ((SECONDS >= deadline)); then
-      log "---- last 30 lines of $STATE/logs/$name.log ----"; tail -n 30 "$STATE/logs/$name.log" >&2 || true
-      down_quiet; die "$name was not ready after ${START_TIMEOUT}s"
-    fi
-    sleep 0.3
-  done
+# hack/lib.sh: ours, stop_pid, stop_one, spawn (as start), wait_until, client_cert, write_kubeconfig. A
+# process is ours when its command line names this state directory.
+PIDS=$STATE LOGS=$STATE/logs MARK=$STATE STOP_WAIT=15
+# shellcheck source=hack/lib.sh
+source "$HACK/lib.sh"
+start() { spawn "$@"; }
+on_start_failure() {
+  log_tail "$1"
+  down_quiet; die "$1 $2"
 }
 
 # ---------------------------------------------------------------- what `up` creates, recorded for `down`
@@ -197,28 +154,8 @@ remove_cgroups() {
 node_cert() {
   local pki=$DIR/pki
   [[ -f $pki/ca.key ]] || die "no cluster CA in $pki: start the control plane first (hack/cluster.sh up)"
-  openssl ecparam -name prime256v1 -genkey -noout -out "$STATE/kubelet.key" 2>/dev/null
-  openssl req -new -key "$STATE/kubelet.key" -subj "/O=system:nodes/CN=system:node:$NODE" \
-    -out "$STATE/kubelet.csr" 2>/dev/null
-  openssl x509 -req -in "$STATE/kubelet.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
-    -days 365 -sha256 -extfile <(printf '%s\n' "basicConstraints=CA:FALSE" \
-      "keyUsage=critical,digitalSignature,keyEncipherment" "extendedKeyUsage=clientAuth") \
-    -out "$STATE/kubelet.crt" 2>/dev/null
-  rm -f "$STATE/kubelet.csr"
-  cat >"$STATE/kubelet.kubeconfig" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: kubetune-local
-  cluster: {server: "https://127.0.0.1:$API_PORT", certificate-authority: "$pki/ca.crt"}
-users:
-- name: system:node:$NODE
-  user: {client-certificate: "$STATE/kubelet.crt", client-key: "$STATE/kubelet.key"}
-contexts:
-- name: kubetune-local
-  context: {cluster: kubetune-local, user: "system:node:$NODE"}
-current-context: kubetune-local
-EOF
+  client_cert "$pki" "$STATE/kubelet" "system:node:$NODE" system:nodes "" 365
+  write_kubeconfig "system:node:$NODE" "$pki/ca.crt" "$STATE/kubelet" "$STATE/kubelet.kubeconfig"
 }
 
 render() {
@@ -228,7 +165,8 @@ render() {
     -e "s#@IPAM_DIR@#$STATE/ipam#g" -e "s#@KUBELET_PORT@#$KUBELET_PORT#g" \
     -e "s#@HEALTHZ_PORT@#$HEALTHZ_PORT#g" -e "s#@CA@#$DIR/pki/ca.crt#g" \
     -e "s#@CGROUPS_PER_QOS@#${KUBETUNE_CGROUPS_PER_QOS:-true}#g" -e "s#@POD_LOGS@#$STATE/pod-logs#g" \
-    -e "s#@RESOLV@#/etc/resolv.conf#g" -e "s#@NODE_IP@#$GATEWAY#g" "$1"
+    -e "s#@RESOLV@#/etc/resolv.conf#g" -e "s#@NODE_IP@#$GATEWAY#g" -e "s#@CLUSTER_DOMAIN@#$CLUSTER_DOMAIN#g" \
+    -e "s#@REGISTRY_HOSTS@#$STATE/certs.d#g" "$1"
 }
 
 network_up() {
@@ -293,6 +231,84 @@ build_crictl() {
   ln -sfn "../crictl-$CRICTL_VERSION/crictl" "$BIN/crictl"
 }
 
+# Cluster DNS: CoreDNS (hack/build-binaries.sh builds it from Go modules) answers for cluster.local from
+# the API (Services, headless Services' pod hostnames, pod IPs) and forwards other names to the host's
+# resolvers. It listens on the bridge address, which every pod reaches: the kubelet's clusterDNS.
+corefile() {
+  cat <<EOF
+.:53 {
+    bind $GATEWAY
+    errors
+    health 127.0.0.1:$DNS_HEALTH_PORT
+    ready 127.0.0.1:$DNS_READY_PORT
+    kubernetes $CLUSTER_DOMAIN in-addr.arpa ip6.arpa {
+        kubeconfig $DIR/kubeconfig
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+        ttl 5
+    }
+    forward . /etc/resolv.conf
+    cache 5
+}
+EOF
+}
+
+dns_ready() { curl -sf --max-time 2 "http://127.0.0.1:$DNS_READY_PORT/ready" >/dev/null; }
+
+dns_up() {
+  [[ -x $BIN/coredns ]] || die "$BIN/coredns is missing: run 'KUBETUNE_BUILD_ONLY=coredns bash hack/build-binaries.sh'"
+  corefile >"$STATE/Corefile"
+  start coredns "$BIN/coredns" -conf "$STATE/Corefile" -pidfile "$STATE/coredns.self.pid"
+  wait_until coredns dns_ready
+}
+
+# The OCI registry on loopback, plain HTTP (only this host reaches it: containerd pulls on the host).
+# containerd is told so in certs.d/<host:port>/hosts.toml, the way it is configured for any registry.
+registry_config() {
+  cat <<EOF
+version: 0.1
+log:
+  level: warn
+  accesslog: {disabled: true}
+storage:
+  filesystem: {rootdirectory: $REGISTRY_ROOT}
+  delete: {enabled: true}
+  maintenance:
+    uploadpurging: {enabled: true, age: 24h, interval: 24h, dryrun: false}
+http:
+  addr: $REGISTRY
+  # Signs upload state between requests; one instance, so any value kept for its lifetime will do.
+  secret: $(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
+  draintimeout: 5s
+EOF
+}
+
+registry_hosts() {
+  mkdir -p "$STATE/certs.d/$REGISTRY"
+  cat >"$STATE/certs.d/$REGISTRY/hosts.toml" <<EOF
+# hack/real-node.sh: the local registry speaks plain HTTP on loopback.
+server = "http://$REGISTRY"
+
+[host."http://$REGISTRY"]
+  capabilities = ["pull", "resolve"]
+EOF
+}
+
+registry_ready() { curl -sf --max-time 2 "http://$REGISTRY/v2/" >/dev/null; }
+
+registry_up() {
+  [[ -x $BIN/registry ]] || die "$BIN/registry is missing: run 'KUBETUNE_BUILD_ONLY=registry bash hack/build-binaries.sh'"
+  if registry_ready && ! ours registry >/dev/null; then
+    die "something else answers on $REGISTRY: set KUBETUNE_REGISTRY_PORT to a free port"
+  fi
+  mkdir -p "$REGISTRY_ROOT"
+  registry_config >"$STATE/registry.yml"
+  registry_hosts
+  # No tracing exporter (distribution v3 enables OpenTelemetry from the environment).
+  OTEL_TRACES_EXPORTER=none start registry "$BIN/registry" serve "$STATE/registry.yml"
+  wait_until registry registry_ready
+}
+
 node_ready() {
   kc get node "$NODE" -o \
     'jsonpath={.status.conditions[?(@.type=="Ready")].status}{" "}{.spec.taints[*].key}' 2>/dev/null |
@@ -313,7 +329,8 @@ up() {
   [[ -x $CNI_BIN/bridge ]] || die "CNI plugins missing in $CNI_BIN: apt-get install containernetworking-plugins"
   [[ -x $BIN/kubelet ]] || die "$BIN/kubelet is missing: run hack/build-binaries.sh"
   [[ -x $BIN/crictl ]] || build_crictl
-  if ours kubelet >/dev/null && ours containerd >/dev/null && node_ready; then
+  if ours kubelet >/dev/null && ours containerd >/dev/null && ours coredns >/dev/null && ours registry >/dev/null &&
+    node_ready; then
     log "already up"; return 0
   fi
   [[ -d $STATE ]] && { log "cleaning up a previous real node in $STATE"; down_quiet; }
@@ -325,6 +342,8 @@ up() {
   render "$HACK/k8s/real-node/kubelet-config.yaml.in" >"$STATE/kubelet-config.yaml"
   node_cert
 
+  dns_up
+  registry_up
   start containerd containerd --config "$STATE/containerd.toml" --log-level warn
   wait_until containerd ctr --address "$SOCK" version
   pause_image
@@ -345,6 +364,8 @@ up() {
 down_quiet() {
   [[ -d $STATE ]] || return 0
   stop_one kubelet
+  stop_one coredns
+  stop_one registry
   local pid
   if pid=$(ours containerd); then
     if [[ -x $BIN/crictl ]]; then
@@ -390,7 +411,7 @@ down() {
 
 status() {
   local rc=0 pid
-  for c in containerd kubelet; do
+  for c in coredns registry containerd kubelet; do
     if pid=$(ours "$c"); then printf '%-24s running (pid %s)\n' "$c" "$pid"
     else printf '%-24s not running\n' "$c"; rc=1; fi
   done
@@ -401,6 +422,7 @@ status() {
 env_() {
   printf 'KUBETUNE_REAL_NODE_NAME=%q\nKUBETUNE_CRI_SOCKET=%q\nKUBETUNE_REAL_NODE_STATE=%q\nKUBETUNE_POD_CIDR=%q\n' \
     "$NODE" "$SOCK" "$STATE" "$POD_CIDR"
+  printf 'KUBETUNE_REGISTRY=%q\n' "$REGISTRY"
 }
 
 case "${1:-}" in

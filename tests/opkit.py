@@ -1,4 +1,5 @@
-"""Helpers for operator tests: the operator run as a real process against the cluster, and manifests."""
+"""Helpers for operator tests and benches: the operator run as a real process against the cluster, and
+manifests. bench/ imports it as `tests.opkit`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from kubeutil import REPO, wait_for
+try:  # under pytest, tests/ is on sys.path (tests/conftest.py)
+    from kubeutil import REPO, wait_for
+except ImportError:  # bench/, run from the repository root
+    from tests.kubeutil import REPO, wait_for
 
 CRD_DIR = REPO / "charts" / "kubetune" / "crds"
 TRAINER_IMAGE = "registry.invalid/kubetune/trainer:test"  # kwok never pulls images
@@ -25,11 +29,21 @@ def free_port() -> int:
 
 
 class OperatorProcess:
-    """One `kubetune-operator` replica watching one namespace; logs in `log_path`."""
+    """One `kubetune-operator` replica watching one namespace; logs in `log_path`. `fast` (tests) shortens
+    the retry backoff and the progress scrape to 1 s; benches measure the defaults."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, log_path: Path, *extra: str) -> None:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        namespace: str,
+        log_path: Path,
+        *extra: str,
+        fast: bool = True,
+        trainer_image: str = TRAINER_IMAGE,
+    ) -> None:
         self.kubeconfig, self.namespace, self.log_path = kubeconfig, namespace, log_path
-        self.extra = extra
+        self.extra = (*(("--backoff-base-seconds", "1", "--scrape-interval", "1") if fast else ()), *extra)
+        self.trainer_image = trainer_image
         self.metrics_port = free_port()
         self.health_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -42,9 +56,7 @@ class OperatorProcess:
             "--leader-namespace", self.namespace,
             "--metrics-port", str(self.metrics_port),
             "--health-port", str(self.health_port),
-            "--trainer-image", TRAINER_IMAGE,
-            "--backoff-base-seconds", "1",
-            "--scrape-interval", "1",
+            "--trainer-image", self.trainer_image,
             *self.extra,
         ]  # fmt: skip
         log = self.log_path.open("ab")
@@ -78,8 +90,26 @@ class OperatorProcess:
             self.proc.wait(timeout=5)
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             return r.read().decode()
+
+    def samples(self) -> dict[str, float]:
+        """Plain samples by name+labels, as the exposition format spells them."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        out: dict[str, float] = {}
+        for fam in text_string_to_metric_families(self.metrics()):
+            for s in fam.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return out
+
+    def peak_rss_mb(self) -> float:
+        assert self.proc is not None, "not started"
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
 
     def tail(self, lines: int = 40) -> str:
         try:

@@ -44,3 +44,15 @@ def env() -> Iterator[sc.Env]:
 @pytest.fixture(scope="session")
 def digits(env: sc.Env) -> Path:
     return sc.dataset(env)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """An e2e test's timeout covers the test itself, not the session fixture's setup that the first one
+    pays for (cluster, a cold image build of ~10 min): that setup's own steps have their timeouts."""
+    default = float(config.getini("timeout") or 900)
+    for item in items:
+        if not item.nodeid.startswith("tests/e2e/"):
+            continue
+        marker = item.get_closest_marker("timeout")
+        args, kwargs = (marker.args, marker.kwargs) if marker is not None else ((default,), {})
+        item.add_marker(pytest.mark.timeout(*args, **{**kwargs, "func_only": True}), append=False)

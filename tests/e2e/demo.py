@@ -5,7 +5,9 @@
 Starts the local cluster with the real node, builds/imports the images (cached), helm-installs the chart,
 creates the digits FineTuneJob, preempts it three times for real while a table shows the job, and prints
 attempts, reasons, lost steps, time to recover and where the model is. --verify also trains the same
-manifest uninterrupted on the host and compares the final weights bit for bit.
+manifest uninterrupted on the host and compares the final weights bit for bit. Then a 2-worker DDP job
+(rendezvous through cluster DNS) has one worker preempted and is compared with `torchrun
+--nproc-per-node 2` on the host.
 """
 
 from __future__ import annotations
@@ -117,13 +119,44 @@ def main(argv: list[str] | None = None) -> int:
                 env, job, args.steps, args.every, digits
             )
             console.print(f"final weights bitwise equal to an uninterrupted host run: [bold]{same}[/bold]")
+        ddp_ok = ddp(env, digits, args.every)
         console.print(f"demo took {time.monotonic() - t0:.0f}s")
-        return 0 if st.get("phase") == "Succeeded" else 1
+        return 0 if st.get("phase") == "Succeeded" and ddp_ok else 1
     finally:
         if args.keep:
             console.print(f"cluster left running: export KUBECONFIG={cluster.kubeconfig}")
         else:
             cluster.down()
+
+
+DDP_STEPS, DDP_CPU = 160, "500m"
+
+
+def ddp(env: sc.Env, digits: Any, every: int) -> bool:
+    """A `workers: 2` job: two pods rendezvous through the headless Service (cluster DNS); one worker is
+    preempted by the scheduler; the gang restarts; the weights are compared with `torchrun
+    --nproc-per-node 2` on the host."""
+    job = "digits-ddp"
+    console.rule("multi-worker DDP: 2 pods, torchrun rendezvous through cluster DNS, one worker preempted")
+    ckpt = sc.create_job(env, job, DDP_STEPS, every, cpu=DDP_CPU, workers=2)
+    d = sc.disrupt(env, job, "scheduler-preemption", every + 5, log=console.log, rank=1)
+    st = sc.wait_done(env, job)
+    final = ckpt / "final" / "model.safetensors"
+    same = final.is_file() and final.read_bytes() == sc.reference_weights(
+        env, job, DDP_STEPS, every, digits, workers=2, cpu=DDP_CPU
+    )
+    s = d.summary(grace=30)
+    victim = (st.get("lastDisruption") or {}).get("pod", "?")
+    console.print(
+        f"gang recovery: the scheduler preempted {victim} at step {d.step_at_disruption}; "
+        f"{d.next_pod} (and its rank 1) resumed at step {d.resumed_from}, first step "
+        f"{s['disruption_to_first_step_s']} s after the preemption"
+    )
+    console.print(
+        f"ddp: {st.get('phase')}, preemptions {st.get('preemptions', 0)}, failures {st.get('failures', 0)}, "
+        f"bitwise equal: {'yes' if same else 'no'}"
+    )
+    return bool(st.get("phase") == "Succeeded" and same)
 
 
 def summary(

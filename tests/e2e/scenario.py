@@ -37,14 +37,18 @@ from kubernetes import client, config, watch
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kubetune"
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
-OPERATOR_IMAGE = "kubetune.local/kubetune-operator"
-TRAINER_IMAGE = "kubetune.local/kubetune-trainer"
+# The real node's OCI registry (hack/real-node.sh); hack/images.sh pushes the images and the chart there and
+# records each image's digest in pushed.env: the scenario pins the images by digest, as a user should.
+REGISTRY = f"127.0.0.1:{os.environ.get('KUBETUNE_REGISTRY_PORT', '5000')}"
+PUSHED = CACHE / "images" / "pushed.env"
+CHART_REF = f"oci://{REGISTRY}/charts/kubetune"
 IMAGE_TAG = os.environ.get("KUBETUNE_IMAGE_TAG", "dev")
 REAL_NODE = "kubetune-real-0"
 RELEASE, OPERATOR_NS = "kubetune", "kubetune-system"
 HIGH_PRIORITY = "kubetune-e2e-high"
 LABEL_JOB = "kubetune.io/job-name"
 LABEL_ATTEMPT = "kubetune.io/attempt"
+LABEL_RANK = "kubetune.io/rank"
 
 
 @dataclass(frozen=True)
@@ -85,9 +89,9 @@ class Cluster:
         self.sh("bash", "hack/cluster.sh", "down", timeout=300, check=False)
 
     def images(self) -> str:
-        """Build (cached) and import both images; returns the script's log lines (timings).
-        KUBETUNE_E2E_IMAGE_STEPS=import uses the images built last time (a code change under operator/
-        or trainer_image/ otherwise rebuilds the trainer's pip layer: ~6 min on 2 cores)."""
+        """Build (cached) both images, push them and the chart to the real node's registry; returns the
+        script's log lines (timings). KUBETUNE_E2E_IMAGE_STEPS="push chart" pushes the images built last
+        time without a rebuild (a rebuild with an unchanged context takes seconds anyway)."""
         steps = os.environ.get("KUBETUNE_E2E_IMAGE_STEPS", "all").split()
         return self.sh("bash", "hack/images.sh", *steps, timeout=3600).stderr
 
@@ -151,17 +155,40 @@ class Env:
 # ---------------------------------------------------------------- setup
 
 
+def image(name: str) -> tuple[str, str]:
+    """(repository, digest) of `kubetune/<name>:<KUBETUNE_IMAGE_TAG>` as hack/images.sh last pushed it."""
+    pushed = (
+        dict(ln.split("=", 1) for ln in PUSHED.read_text().split() if "=" in ln) if PUSHED.exists() else {}
+    )
+    ref = pushed.get(f"kubetune/{name}:{IMAGE_TAG}")
+    if not ref:
+        raise RuntimeError(f"no kubetune/{name}:{IMAGE_TAG} in {PUSHED}: run hack/images.sh (its push step)")
+    repo, digest = ref.split("@", 1)
+    return repo, digest
+
+
+def image_ref(name: str) -> str:
+    return "@".join(image(name))
+
+
+def chart_version() -> str:
+    chart = yaml.safe_load((REPO / "charts" / "kubetune" / "Chart.yaml").read_text())
+    return str(chart["version"])
+
+
 def install_operator(env: Env, kueue: bool = False) -> None:
-    """helm install the chart; the operator runs as a real pod on the real node, from the built image.
-    If the release does not become ready, the error carries what the cluster says about why. `kueue`
-    sets the chart's kueue.enabled (an upgrade back without it turns it off again)."""
+    """helm install the chart from the registry (oci://, as docs/install.md tells a user); the operator
+    runs as a real pod on the real node from the pushed image, both images pinned by digest. If the
+    release does not become ready, the error carries what the cluster says about why. `kueue` sets the
+    chart's kueue.enabled (an upgrade back without it turns it off again)."""
+    (op_repo, op_digest), (tr_repo, tr_digest) = image("operator"), image("trainer")
     try:
         env.cluster.sh(
-            str(BIN / "helm"), "upgrade", "--install", RELEASE, str(REPO / "charts" / "kubetune"),
+            str(BIN / "helm"), "upgrade", "--install", RELEASE, CHART_REF, "--version", chart_version(),
+            "--plain-http",
             "--namespace", OPERATOR_NS, "--create-namespace", "--wait", "--timeout", "5m",
-            "--set", f"image.repository={OPERATOR_IMAGE}", "--set", f"image.tag={IMAGE_TAG}",
-            "--set", "image.pullPolicy=Never",
-            "--set", f"trainer.image.repository={TRAINER_IMAGE}", "--set", f"trainer.image.tag={IMAGE_TAG}",
+            "--set", f"image.repository={op_repo}", "--set", f"image.digest={op_digest}",
+            "--set", f"trainer.image.repository={tr_repo}", "--set", f"trainer.image.digest={tr_digest}",
             "--set", "operator.scrapeIntervalSeconds=2",
             "--set-string", "nodeSelector.kubetune\\.io/node-kind=real",
             "--set", f"kueue.enabled={str(kueue).lower()}",
@@ -304,9 +331,11 @@ def dataset(env: Env) -> Path:
     return path / "digits"
 
 
-def job_spec(steps: int, every: int, grace: int, cpu: str) -> dict[str, Any]:
-    """The FineTuneJob spec; the same sections run on the host with `kubetune-train -f`."""
+def job_spec(steps: int, every: int, grace: int, cpu: str, workers: int = 1) -> dict[str, Any]:
+    """The FineTuneJob spec; the same sections run on the host with `kubetune-train -f` (or, for
+    `workers` > 1, `torchrun --nproc-per-node <workers>`)."""
     return {
+        "workers": workers,
         "model": {"name": "test_resnet", "numClasses": 10},
         "data": {
             "format": "imagefolder",
@@ -336,6 +365,7 @@ def create_job(
     cpu: str = "1",
     tensorboard: bool = False,
     labels: dict[str, str] | None = None,
+    workers: int = 1,
 ) -> Path:
     """Create the job with its own checkpoint claim (a hostPath PV we can read); returns that host dir.
     A job of that name from an earlier run is deleted first, with its pods. `tensorboard` asks the
@@ -351,7 +381,7 @@ def create_job(
     shutil.rmtree(ckpt)
     ckpt.mkdir()
     ckpt.chmod(0o777)
-    spec = job_spec(steps, every, grace, cpu)
+    spec = job_spec(steps, every, grace, cpu, workers)
     spec["data"]["claimName"] = "digits"
     spec["checkpoint"]["existingClaim"] = f"{name}-ckpt-e2e"
     if tensorboard:
@@ -381,13 +411,20 @@ def _exists(env: Env, name: str) -> bool:
 # ---------------------------------------------------------------- observing
 
 
+def _attempt_rank(pod: client.V1Pod) -> tuple[int, int]:
+    labels = pod.metadata.labels or {}
+    return int(labels.get(LABEL_ATTEMPT, "0")), int(labels.get(LABEL_RANK, "0"))
+
+
 def trainer_pods(env: Env, job: str) -> list[client.V1Pod]:
+    """The job's trainer pods by attempt, then rank."""
     pods = env.core.list_namespaced_pod(env.namespace, label_selector=f"{LABEL_JOB}={job}").items
-    return sorted(pods, key=lambda p: int(p.metadata.labels.get(LABEL_ATTEMPT, "0")))
+    return sorted(pods, key=_attempt_rank)
 
 
-def running_trainer(env: Env, job: str) -> client.V1Pod | None:
-    for p in reversed(trainer_pods(env, job)):
+def running_trainer(env: Env, job: str, rank: int = 0) -> client.V1Pod | None:
+    """The newest running pod of `rank` (rank 0 serves the metrics)."""
+    for p in reversed([p for p in trainer_pods(env, job) if _attempt_rank(p)[1] == rank]):
         started = any(cs.state.running for cs in p.status.container_statuses or [])
         if p.status.phase == "Running" and started and not p.metadata.deletion_timestamp:
             return p
@@ -589,18 +626,23 @@ KINDS: dict[str, Callable[[Env, client.V1Pod], Any]] = {
 }
 
 
-def disrupt(env: Env, job: str, kind: str, min_progress: int, log: Callable[[str], None]) -> Disruption:
-    """Wait until the running attempt trained `min_progress` steps past where it started, then disrupt it
-    and follow the next attempt to its first step."""
-    pod = wait_for(lambda: running_trainer(env, job), 300, desc=f"a running trainer of {job}")
-    first = wait_for(lambda: trainer_step(pod), 300, desc="the trainer's metrics")
+def disrupt(
+    env: Env, job: str, kind: str, min_progress: int, log: Callable[[str], None], rank: int = 0
+) -> Disruption:
+    """Wait until the running attempt trained `min_progress` steps past where it started, then disrupt
+    its pod of `rank` and follow the next attempt to its first step (rank 0's: under DDP every rank
+    takes each step together)."""
+    lead = wait_for(lambda: running_trainer(env, job), 300, desc=f"a running trainer of {job}")
+    first = wait_for(lambda: trainer_step(lead), 300, desc="the trainer's metrics")
     wait_for(
-        lambda: (trainer_step(pod) or 0) >= first + min_progress,
+        lambda: (trainer_step(lead) or 0) >= first + min_progress,
         300,
         desc=f"{min_progress} steps of training",
     )
+    pod = lead if rank == 0 else running_trainer(env, job, rank)
+    assert pod is not None and _attempt_rank(pod)[0] == _attempt_rank(lead)[0], f"no running rank {rank}"
     attempt = int(pod.metadata.labels.get(LABEL_ATTEMPT, "0"))
-    dis = Disruption(kind, pod.metadata.name, attempt, time.time(), trainer_step(pod))
+    dis = Disruption(kind, pod.metadata.name, attempt, time.time(), trainer_step(lead))
     log(f"{kind}: {pod.metadata.name} at step {dis.step_at_disruption}")
     release = KINDS[kind](env, pod)
     if callable(release):
@@ -626,12 +668,15 @@ def wait_done(
 # ---------------------------------------------------------------- checks
 
 
-def reference_weights(env: Env, job: str, steps: int, every: int, digits: Path) -> bytes:
-    """The same manifest trained uninterrupted on the host with `kubetune-train -f`."""
+def reference_weights(
+    env: Env, job: str, steps: int, every: int, digits: Path, workers: int = 1, cpu: str = "1"
+) -> bytes:
+    """The same manifest trained uninterrupted on the host with `kubetune-train -f`; for `workers` > 1,
+    `torchrun --nproc-per-node <workers>` (the same world size, gloo on loopback)."""
     root = env.cluster.dir / "reference" / job
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    spec = job_spec(steps, every, 30, "1")
+    spec = job_spec(steps, every, 30, cpu, workers)
     spec["data"]["path"] = str(digits)
     spec["wandb"] = {"mode": "disabled"}
     manifest = root / "job.yaml"
@@ -648,9 +693,13 @@ def reference_weights(env: Env, job: str, steps: int, every: int, digits: Path) 
     envv = {k: v for k, v in os.environ.items() if k != "KUBETUNE_CHECKPOINT_DIR"}
     envv.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", WANDB_SILENT="true")
     envv.pop("KUBETUNE_TERMINATION_LOG", None)
+    venv = REPO / ".venv" / "bin"
+    argv = [str(venv / "kubetune-train")]
+    if workers > 1:
+        argv = [str(venv / "torchrun"), "--nproc-per-node", str(workers), "--master-port", "29731",
+                "-m", "kubetune_trainer"]  # fmt: skip
     subprocess.run(
-        [str(REPO / ".venv" / "bin" / "kubetune-train"), "-f", str(manifest), "--checkpoint-dir", str(root / "ckpt"),
-         "--set", "metrics.port=0"],
+        [*argv, "-f", str(manifest), "--checkpoint-dir", str(root / "ckpt"), "--set", "metrics.port=0"],
         env=envv, check=True, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     return (root / "ckpt" / "final" / "model.safetensors").read_bytes()
@@ -948,3 +997,52 @@ def kueue_preempt(
     follow_recovery(env, low, kp.recovery)
     log(f"  -> re-admitted; {kp.recovery.next_pod} resumed at step {kp.recovery.resumed_from}")
     return kp
+
+
+# --- cluster DNS (CoreDNS, hack/real-node.sh): what a pod resolves ---------------------------------------
+def dns_probe(env: Env, names: list[str], timeout: float = 120) -> dict[str, Any]:
+    """Run a pod (the trainer image, as `probe` under a headless Service `probe-dns`, the way the
+    operator names workers) that resolves `names` from inside it; returns its own IP, its resolv.conf
+    and what each name resolved to (or the error)."""
+    svc, pod = "probe-dns", "probe"
+    for kind, name in (("pod", pod), ("service", svc)):
+        env.cluster.sh(str(BIN / "kubectl"), "-n", env.namespace, "delete", kind, name, "--ignore-not-found",
+                       "--grace-period=0", "--wait=true", timeout=120)  # fmt: skip
+    # Each name is retried for up to 30 s, as torchrun's rendezvous retries: a pod's own record appears
+    # once the EndpointSlice controller has published its IP, moments after it starts.
+    script = (
+        "import json, socket, sys, time\n"
+        "out = {'resolv': open('/etc/resolv.conf').read(), 'names': {}}\n"
+        "for n in sys.argv[1:]:\n"
+        "    deadline = time.monotonic() + 30\n"
+        "    while True:\n"
+        "        try:\n"
+        "            out['names'][n] = sorted({a[4][0] for a in socket.getaddrinfo(n, None, socket.AF_INET)})\n"
+        "            break\n"
+        "        except OSError as e:\n"
+        "            out['names'][n] = str(e)\n"
+        "            if time.monotonic() > deadline:\n"
+        "                break\n"
+        "            time.sleep(0.5)\n"
+        "print('DNS ' + json.dumps(out))\n"
+    )
+    apply(
+        env,
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": svc, "namespace": env.namespace},
+         "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": {"kubetune.io/probe": "dns"},
+                  "ports": [{"name": "x", "port": 1}]}},
+        {"apiVersion": "v1", "kind": "Pod",
+         "metadata": {"name": pod, "namespace": env.namespace, "labels": {"kubetune.io/probe": "dns"}},
+         "spec": {"hostname": pod, "subdomain": svc, "restartPolicy": "Never",
+                  "nodeSelector": {"kubetune.io/node-kind": "real"},
+                  "containers": [{"name": "probe", "image": image_ref("trainer"),
+                                  "command": ["python", "-c", script, *names],
+                                  "resources": {"requests": {"cpu": "50m"}}}]}},
+    )  # fmt: skip
+    wait_for(lambda: _phase(env, pod) in ("Succeeded", "Failed"), timeout, desc="the DNS probe pod to finish")
+    logs = env.core.read_namespaced_pod_log(pod, env.namespace)
+    line = next((ln for ln in logs.splitlines() if ln.startswith("DNS ")), None)
+    assert line is not None, logs
+    out: dict[str, Any] = json.loads(line[4:])
+    out["pod_ip"] = env.core.read_namespaced_pod(pod, env.namespace).status.pod_ip
+    return out

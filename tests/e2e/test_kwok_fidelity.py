@@ -41,8 +41,7 @@ def _pod(name: str, node: str) -> dict[str, Any]:
             "containers": [
                 {
                     "name": "main",
-                    "image": f"{sc.OPERATOR_IMAGE}:{sc.IMAGE_TAG}",
-                    "imagePullPolicy": "Never",
+                    "image": sc.image_ref("operator"),
                     "command": ["python", "-c", SIGTERM_143],
                     "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}},
                 }
