@@ -244,7 +244,13 @@ def test_rank0_trainer_pod_gets_the_tensorboard_sidecar():
     assert mounts["checkpoints"]["readOnly"] is True and mounts["tmp"]["mountPath"] == "/tmp"
     assert "nvidia.com/gpu" not in str(side["resources"])
     (trainer,) = rank0["spec"]["containers"]
-    assert trainer["name"] == "trainer" and trainer["command"] == ["tini", "--", "python", "-m", "kubetune_trainer.launch"]
+    assert trainer["name"] == "trainer" and trainer["command"] == [
+        "tini",
+        "--",
+        "python",
+        "-m",
+        "kubetune_trainer.launch",
+    ]
     assert builders.trainer_pod(j, 1, 0) == builders.trainer_pod(job(workers=2, resources={"gpus": 1}), 1, 0)
     # The rendezvous Service selects trainer pods only, never a TensorBoard server.
     svc = builders.headless_service(j)
