@@ -49,8 +49,7 @@ def run() -> dict[str, Any]:
             if way == "import":
                 image, policy = f"kubetune.local/kubetune-trainer:{tag}", "Never"
             else:
-                repo, digest = _pushed(sc, tag)
-                image, policy = f"{repo}@{digest}", "IfNotPresent"
+                image, policy = "@".join(sc.image("trainer", tag)), "IfNotPresent"
             used.append(image)
             running_s = _pod_running(sc, env, f"delivery-{way}", image, policy)
             out.update(
@@ -103,13 +102,6 @@ def _timed(cluster: Any, copy: Path, tag: str, step: str) -> float:
     return round(time.monotonic() - t0, 1)
 
 
-def _pushed(sc: Any, tag: str) -> tuple[str, str]:
-    lines = sc.PUSHED.read_text().split()
-    ref = dict(ln.split("=", 1) for ln in lines if "=" in ln)[f"kubetune/trainer:{tag}"]
-    repo, digest = ref.split("@", 1)
-    return repo, digest
-
-
 def _pod_running(sc: Any, env: Any, name: str, image: str, policy: str) -> float:
     """Create a pod of `image` on the real node; seconds until the kubelet reports its container started
     (scheduling, the pull when there is one, sandbox and container start)."""
@@ -156,10 +148,7 @@ def _pod_running(sc: Any, env: Any, name: str, image: str, policy: str) -> float
 def _drop_bench_images(cluster: Any, refs: list[str]) -> None:
     """The bench's images leave the buildah store and containerd (they share every layer with dev's but
     the changed package layer); the registry keeps its two small bench tags."""
-    node = dict(
-        ln.split("=", 1) for ln in cluster.sh("bash", "hack/real-node.sh", "env").stdout.split() if "=" in ln
-    )
-    ctr = ["ctr", "--address", node["KUBETUNE_CRI_SOCKET"], "-n", "k8s.io", "images"]
+    ctr = ["ctr", "--address", str(cluster.cri_socket), "-n", "k8s.io", "images"]
     for ref in refs:
         cluster.sh(*ctr, "rm", ref, check=False)
     for way in WAYS:

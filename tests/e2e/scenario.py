@@ -90,10 +90,15 @@ class Cluster:
 
     def images(self) -> str:
         """Build (cached) both images, push them and the chart to the real node's registry; returns the
-        script's log lines (timings). KUBETUNE_E2E_IMAGE_STEPS="push chart" pushes the images built last
+        script's log lines (timings). KUBETUNE_E2E_IMAGE_STEPS="push pull chart" uses the images built last
         time without a rebuild (a rebuild with an unchanged context takes seconds anyway)."""
         steps = os.environ.get("KUBETUNE_E2E_IMAGE_STEPS", "all").split()
         return self.sh("bash", "hack/images.sh", *steps, timeout=3600).stderr
+
+    @property
+    def cri_socket(self) -> Path:
+        """The real node's containerd socket (hack/real-node.sh: <cluster dir>/real-node/)."""
+        return self.dir / "real-node" / "containerd.sock"
 
     def kubectl(self, *args: str, timeout: float = 120) -> str:
         return self.sh(str(BIN / "kubectl"), *args, timeout=timeout).stdout
@@ -155,14 +160,14 @@ class Env:
 # ---------------------------------------------------------------- setup
 
 
-def image(name: str) -> tuple[str, str]:
-    """(repository, digest) of `kubetune/<name>:<KUBETUNE_IMAGE_TAG>` as hack/images.sh last pushed it."""
+def image(name: str, tag: str = IMAGE_TAG) -> tuple[str, str]:
+    """(repository, digest) of `kubetune/<name>:<tag>` as hack/images.sh last pushed it."""
     pushed = (
         dict(ln.split("=", 1) for ln in PUSHED.read_text().split() if "=" in ln) if PUSHED.exists() else {}
     )
-    ref = pushed.get(f"kubetune/{name}:{IMAGE_TAG}")
+    ref = pushed.get(f"kubetune/{name}:{tag}")
     if not ref:
-        raise RuntimeError(f"no kubetune/{name}:{IMAGE_TAG} in {PUSHED}: run hack/images.sh (its push step)")
+        raise RuntimeError(f"no kubetune/{name}:{tag} in {PUSHED}: run hack/images.sh (its push step)")
     repo, digest = ref.split("@", 1)
     return repo, digest
 
@@ -607,7 +612,7 @@ def sigkill(env: Env, pod: client.V1Pod) -> None:
     """Kill the container's PID 1 from the host, by PID, with no grace (what an OOM kill or a crashed
     node does to the process)."""
     cid = pod.status.container_statuses[0].container_id.split("://", 1)[1]
-    sock = env.cluster.dir / "real-node" / "containerd.sock"
+    sock = env.cluster.cri_socket
     out = subprocess.run(
         [str(BIN / "crictl"), "--runtime-endpoint", f"unix://{sock}", "inspect", cid],
         capture_output=True,
@@ -1000,21 +1005,23 @@ def kueue_preempt(
 
 
 # --- cluster DNS (CoreDNS, hack/real-node.sh): what a pod resolves ---------------------------------------
-def dns_probe(env: Env, names: list[str], timeout: float = 120) -> dict[str, Any]:
+def dns_probe(env: Env, names: list[str], missing: list[str], timeout: float = 120) -> dict[str, Any]:
     """Run a pod (the trainer image, as `probe` under a headless Service `probe-dns`, the way the
-    operator names workers) that resolves `names` from inside it; returns its own IP, its resolv.conf
-    and what each name resolved to (or the error)."""
+    operator names workers) that resolves `names` and then `missing` (names that must not exist, asked
+    once) from inside it; returns its own IP, its resolv.conf and what each name resolved to (or the
+    error)."""
     svc, pod = "probe-dns", "probe"
     for kind, name in (("pod", pod), ("service", svc)):
         env.cluster.sh(str(BIN / "kubectl"), "-n", env.namespace, "delete", kind, name, "--ignore-not-found",
                        "--grace-period=0", "--wait=true", timeout=120)  # fmt: skip
-    # Each name is retried for up to 30 s, as torchrun's rendezvous retries: a pod's own record appears
-    # once the EndpointSlice controller has published its IP, moments after it starts.
+    # Each of `names` is retried for up to 30 s, as torchrun's rendezvous retries: a pod's own record
+    # appears once the EndpointSlice controller has published its IP, moments after it starts.
     script = (
         "import json, socket, sys, time\n"
         "out = {'resolv': open('/etc/resolv.conf').read(), 'names': {}}\n"
-        "for n in sys.argv[1:]:\n"
-        "    deadline = time.monotonic() + 30\n"
+        "split = sys.argv.index('--')\n"
+        "for i, n in enumerate(sys.argv[1:split] + sys.argv[split + 1:], 1):\n"
+        "    deadline = time.monotonic() + (30 if i < split else 0)\n"
         "    while True:\n"
         "        try:\n"
         "            out['names'][n] = sorted({a[4][0] for a in socket.getaddrinfo(n, None, socket.AF_INET)})\n"
@@ -1036,7 +1043,7 @@ def dns_probe(env: Env, names: list[str], timeout: float = 120) -> dict[str, Any
          "spec": {"hostname": pod, "subdomain": svc, "restartPolicy": "Never",
                   "nodeSelector": {"kubetune.io/node-kind": "real"},
                   "containers": [{"name": "probe", "image": image_ref("trainer"),
-                                  "command": ["python", "-c", script, *names],
+                                  "command": ["python", "-c", script, *names, "--", *missing],
                                   "resources": {"requests": {"cpu": "50m"}}}]}},
     )  # fmt: skip
     wait_for(lambda: _phase(env, pod) in ("Succeeded", "Failed"), timeout, desc="the DNS probe pod to finish")
