@@ -80,12 +80,23 @@ def current_pods(obs: Observed, attempt: int) -> list[PodView]:
 def _gang(current: Sequence[PodView], ends: Mapping[str, PodEnd], now: datetime) -> tuple[PodView, PodEnd]:
     """The attempt's outcome from its pods: one disrupted or failed pod ends the whole gang."""
     judged = [(p, ends.get(p.name) or classify(p, now)) for p in current]
+
+    def rank(pe: tuple[PodView, PodEnd]) -> int:
+        return _REASON_RANK.index(pe[1].reason) if pe[1].reason in _REASON_RANK else 99
+
     for wanted in (Outcome.DISRUPTED, Outcome.PERMANENT, Outcome.FAILED, Outcome.TERMINATING):
         hits = [(p, e) for p, e in judged if e.outcome == wanted]
         if hits:
-            return min(
-                hits, key=lambda pe: _REASON_RANK.index(pe[1].reason) if pe[1].reason in _REASON_RANK else 99
-            )
+            pod, end = min(hits, key=rank)
+            if wanted == Outcome.DISRUPTED:
+                # A rank that stopped on the gang's all-reduced stop flag ends first with the generic
+                # SIGTERM, while the rank the cluster disrupted (DisruptionTarget) is still terminating:
+                # that one's cause names the restart.
+                causes = [(p, e) for p, e in judged if e.outcome == Outcome.TERMINATING and p.disruption]
+                if causes and rank(min(causes, key=rank)) < rank((pod, end)):
+                    cause = min(causes, key=rank)[1]
+                    end = PodEnd(Outcome.DISRUPTED, cause.reason, cause.message)
+            return pod, end
     if all(e.outcome == Outcome.SUCCEEDED for _, e in judged):
         return judged[0]
     for wanted in (Outcome.PENDING, Outcome.RUNNING):

@@ -320,6 +320,17 @@ def test_gang_restarts_together_and_waits_for_the_survivors():
     assert pods_created(done) == ["demo-a2-0", "demo-a2-1"] and done.status["preemptions"] == 1
 
 
+def test_gang_restart_is_named_by_the_disrupted_rank_not_the_one_that_stopped_with_it():
+    # The scheduler's victim is still terminating (DisruptionTarget) when the other rank, stopped by the
+    # all-reduced flag, has already exited 143: the victim's cause names the restart.
+    job = make_job(workers=2)
+    st = run(job, run(job, {}, []).status, [pod(rank=0), pod(rank=1)]).status
+    victim = pod(rank=0, deleting_since=T0, disruption=PREEMPTED)
+    p = run(job, st, [victim, pod(rank=1, phase="Failed", exit_code=143)])
+    assert p.status["preemptions"] == 1 and p.status.get("failures", 0) == 0
+    assert p.status["preemptionsByReason"] == {PREEMPTED[0]: 1}, p.status
+
+
 def test_gang_failure_is_not_mistaken_for_a_disruption():
     job = make_job(workers=2)
     st = run(job, run(job, {}, []).status, [pod(rank=0), pod(rank=1)]).status
